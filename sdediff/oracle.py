@@ -41,7 +41,8 @@ class GaussianMixture:
             covs = torch.diag_embed(covs)
         if covs.shape != (K, D, D):
             raise ValueError(
-                f"GaussianMixture: covs must have shape (K, D, D) or (K, D) = ({K}, {D}), got {tuple(covs.shape)}"
+                f"GaussianMixture: covs must have shape (K, D, D) or (K, D) with K={K}, D={D}, "
+                f"got {tuple(covs.shape)}"
             )
         if weights is None:
             weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
@@ -89,7 +90,9 @@ class GaussianMixture:
         """Per-sample, per-component rotated residuals and variances at time t."""
         x64 = x.reshape(x.shape[0], -1).to(torch.float64)
         if x64.shape[1] != self.D:
-            raise ValueError(f"GaussianMixture: x has {x64.shape[1]} dimensions per sample, expected {self.D}")
+            raise ValueError(
+                f"GaussianMixture: x has {x64.shape[1]} dimensions per sample, expected {self.D}"
+            )
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
