@@ -1,0 +1,1137 @@
+"""Offline datasets and loaders.
+
+Everything here works without network access: toy 2-D distributions are sampled on the fly,
+scikit-learn's ``digits`` ship with scikit-learn, and the real-image formats (CIFAR-10 python
+pickles, MNIST / Fashion-MNIST idx files, image folders, ``.npy``/``.npz`` arrays) are read from
+files the user has downloaded themselves.
+
+Conventions
+-----------
+* **Images** are float tensors of shape ``(C, H, W)`` with values in ``[-1, 1]``.  8-bit data
+  (integer ``k`` in ``0..255``) is mapped by ``x = k / 127.5 - 1`` (see :func:`uint8_to_float`);
+  the inverse is :func:`float_to_uint8`.
+* **Points** (toy 2-D data, mixtures, ``kind="vectors"`` arrays) are float tensors ``(D,)``.
+* Datasets are :class:`ArrayDataset` objects (a ``torch.utils.data.Dataset``) whose items are
+  ``(x, label)`` with an ``int64`` label; unlabelled data uses label ``-1``.  The whole data set
+  as one tensor is ``dataset.tensor()`` (or :func:`as_tensor`).
+* 8-bit image data is stored as ``uint8`` and converted per item, so the raw 8-bit form stays
+  available for likelihood code (``dataset.uint8()``), together with :func:`dequantize`.
+* Every loader raises a single ``FileNotFoundError`` (missing paths) or ``ValueError`` (bad
+  content) whose message names the file, the problem and how to fix it.
+* Nothing is ever unpickled except CIFAR-10's dicts of arrays, through an allow-listing
+  unpickler (:func:`safe_unpickle`); ``.npy``/``.npz`` files are read with ``allow_pickle=False``.
+
+This module never imports hydra; the configs in ``configs/data/*.yaml`` point at the functions
+below through ``_target_``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import pickle
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "TOY2D_NAMES",
+    "DIGITS_SPLIT_SIZES",
+    "ArrayDataset",
+    "as_tensor",
+    "uint8_to_float",
+    "float_to_uint8",
+    "dequantize",
+    "dequantize_uint8",
+    "toy2d",
+    "toy2d_dataset",
+    "mixture_samples",
+    "mixture_dataset",
+    "load_digits_uint8",
+    "digits",
+    "safe_unpickle",
+    "load_cifar10",
+    "cifar10",
+    "read_idx",
+    "load_mnist",
+    "mnist",
+    "fashion_mnist",
+    "load_image_folder",
+    "image_folder",
+    "load_array",
+    "numpy_file",
+    "make_dataset",
+]
+
+PathLike = str | os.PathLike
+
+# --------------------------------------------------------------------------------------------
+# seeding helpers
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of the splitmix64 mixer: a fixed, version-independent 64-bit integer hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _hash_ints(*values: int) -> int:
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h
+
+
+def _as_generator(seed: int | torch.Generator | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` from an int seed (``None`` means 0) or the generator itself."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    g = torch.Generator()
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# 8-bit convention and dequantization
+# --------------------------------------------------------------------------------------------
+
+
+def uint8_to_float(k: Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Map 8-bit integers ``k`` in ``0..255`` to ``[-1, 1]`` by ``x = k / 127.5 - 1``.
+
+    So ``0 -> -1``, ``255 -> 1``; the lattice spacing is ``2 / 255``.
+    """
+    k = torch.as_tensor(k)
+    return k.to(dtype) / 127.5 - 1.0
+
+
+def float_to_uint8(x: Tensor, *, check: bool = True, atol: float = 1e-3) -> Tensor:
+    """Inverse of :func:`uint8_to_float`: ``k = round((x + 1) * 127.5)`` as ``uint8``.
+
+    With ``check=True`` (default) raise ``ValueError`` unless every value of ``x`` lies within
+    ``atol`` (in 8-bit units) of the lattice ``{k / 127.5 - 1 : k = 0..255}``.
+    """
+    x = torch.as_tensor(x)
+    if not torch.is_floating_point(x):
+        raise ValueError(f"float_to_uint8 expects a float tensor in [-1, 1], got dtype {x.dtype}")
+    scaled = (x.double() + 1.0) * 127.5
+    k = torch.round(scaled)
+    if check:
+        if not bool(torch.isfinite(scaled).all()):
+            raise ValueError("float_to_uint8: input contains NaN or inf values")
+        if bool((k < 0).any()) or bool((k > 255).any()):
+            raise ValueError(
+                f"float_to_uint8: values must lie in [-1, 1], got range "
+                f"[{float(x.min()):.4g}, {float(x.max()):.4g}]"
+            )
+        off = float((scaled - k).abs().max()) if x.numel() else 0.0
+        if off > atol:
+            raise ValueError(
+                f"float_to_uint8: values are not on the 8-bit lattice k/127.5 - 1 (largest offset "
+                f"{off:.3g} in 8-bit units > atol={atol}); only 8-bit image data can be quantized"
+            )
+    return k.clamp(0, 255).to(torch.uint8)
+
+
+def dequantize_uint8(
+    k: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Uniformly dequantize 8-bit integers: ``k -> 2 * (k + u) / 256 - 1`` with ``u ~ U[0, 1)``.
+
+    Bin ``k`` becomes the interval ``[2k/256 - 1, 2(k+1)/256 - 1)`` of width ``2/256``; the 256
+    bins tile ``[-1, 1)``.  For a continuous density ``p`` on ``[-1, 1]^D`` this gives the usual
+    bound ``log P(k) >= E_u[log p(x)] + D * log(2/256)``, i.e.
+    ``bits/dim <= -E_u[log p(x)] / (D ln 2) + 7``.
+    """
+    k = torch.as_tensor(k)
+    if torch.is_floating_point(k):
+        raise ValueError("dequantize_uint8 expects integer 8-bit values; use dequantize() for [-1, 1] data")
+    if k.numel() and (int(k.min()) < 0 or int(k.max()) > 255):
+        raise ValueError("dequantize_uint8: values must lie in 0..255")
+    u = torch.rand(k.shape, generator=generator, dtype=torch.float64)
+    x = (2.0 * (k.double() + u) / 256.0 - 1.0).to(dtype)
+    # keep the documented half-open range [-1, 1) after rounding to a low-precision dtype
+    below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    return torch.minimum(x, below_one)
+
+
+def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of 8-bit images given in ``[-1, 1]``.
+
+    ``x`` must lie on the lattice ``k / 127.5 - 1`` (``k`` in ``0..255``; checked, ``ValueError``
+    otherwise).  Each value is mapped to its bin ``k`` and replaced by ``2 * (k + u) / 256 - 1``
+    with ``u ~ U[0, 1)`` drawn from ``generator``: noise of width one 8-bit bin, output in
+    ``[-1, 1)``, same shape/dtype as ``x``.  See :func:`dequantize_uint8` for the likelihood
+    bound this supports.
+    """
+    x = torch.as_tensor(x)
+    k = float_to_uint8(x)
+    dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+    return dequantize_uint8(k, generator=generator, dtype=dtype).to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# dataset class
+# --------------------------------------------------------------------------------------------
+
+
+class ArrayDataset(Dataset):
+    """An in-memory dataset of ``(x, label)`` pairs, optionally with seeded horizontal flips.
+
+    Args:
+        data: ``uint8`` tensor ``(N, C, H, W)`` of 8-bit images (converted to ``[-1, 1]`` per
+            item with :func:`uint8_to_float`), or a float tensor ``(N, ...)`` returned as is
+            (cast to ``dtype``).
+        labels: ``(N,)`` integer labels, or ``None`` for unlabelled data (label ``-1``).
+        hflip: if true, ``__getitem__`` flips image ``i`` along its width with probability
+            ``flip_p``.  The decision is a fixed hash of ``(flip_seed, epoch, i)``, so it is
+            reproducible, identical across DataLoader workers, and changes with
+            :meth:`set_epoch`.  Requires image data ``(N, C, H, W)``.
+        flip_p: flip probability.
+        flip_seed: seed of the flip decisions.
+        classes: optional class names (index = label).
+        dtype: float dtype of returned items.
+
+    ``tensor()`` returns all of the data (without flips) as one float tensor; ``uint8()`` the
+    raw 8-bit form of 8-bit image data.
+    """
+
+    def __init__(
+        self,
+        data: Tensor,
+        labels: Tensor | Sequence[int] | np.ndarray | None = None,
+        *,
+        hflip: bool = False,
+        flip_p: float = 0.5,
+        flip_seed: int = 0,
+        classes: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        data = torch.as_tensor(data)
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise ValueError(f"ArrayDataset needs a non-empty (N, ...) tensor, got shape {tuple(data.shape)}")
+        if data.dtype != torch.uint8 and not torch.is_floating_point(data):
+            raise ValueError(f"ArrayDataset data must be uint8 (8-bit images) or float, got {data.dtype}")
+        if data.dtype == torch.uint8 and data.ndim != 4:
+            raise ValueError(f"uint8 data must be images (N, C, H, W), got shape {tuple(data.shape)}")
+        n = data.shape[0]
+        if labels is None:
+            labels_t = torch.full((n,), -1, dtype=torch.int64)
+        else:
+            labels_t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+            if labels_t.shape != (n,) or torch.is_floating_point(labels_t):
+                raise ValueError(
+                    f"labels must be {n} integers (one per item), got {labels_t.dtype} "
+                    f"of shape {tuple(labels_t.shape)}"
+                )
+            labels_t = labels_t.to(torch.int64)
+        if hflip and data.ndim != 4:
+            raise ValueError(
+                f"hflip=True needs image data (N, C, H, W), got shape {tuple(data.shape)}; "
+                "horizontal flips only make sense for images"
+            )
+        if not 0.0 <= float(flip_p) <= 1.0:
+            raise ValueError(f"flip_p must lie in [0, 1], got {flip_p}")
+        self.data = data
+        self.labels = labels_t
+        self.hflip = bool(hflip)
+        self.flip_p = float(flip_p)
+        self.flip_seed = int(flip_seed)
+        self.epoch = 0
+        self.classes = list(classes) if classes is not None else None
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one item ``x`` (e.g. ``(C, H, W)`` or ``(D,)``)."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def is_uint8(self) -> bool:
+        """Whether the data is stored as 8-bit integers (exactly on the 8-bit lattice)."""
+        return self.data.dtype == torch.uint8
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used in the flip decisions (call once per epoch)."""
+        self.epoch = int(epoch)
+
+    def flipped(self, index: int) -> bool:
+        """Whether item ``index`` is flipped in the current epoch."""
+        if not self.hflip:
+            return False
+        h = _hash_ints(self.flip_seed, self.epoch, int(index))
+        return (h >> 11) * (1.0 / (1 << 53)) < self.flip_p
+
+    def _convert(self, x: Tensor) -> Tensor:
+        return uint8_to_float(x, self.dtype) if x.dtype == torch.uint8 else x.to(self.dtype)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for dataset of size {len(self)}")
+        x = self.data[index]
+        if self.flipped(index):
+            x = x.flip(-1)
+        return self._convert(x), self.labels[index]
+
+    def tensor(self) -> Tensor:
+        """All items (no flips) as one float tensor ``(N, *item_shape)``."""
+        return self._convert(self.data)
+
+    def uint8(self) -> Tensor:
+        """All items as ``uint8`` 8-bit values ``(N, C, H, W)`` (8-bit image data only)."""
+        if self.is_uint8:
+            return self.data
+        if self.data.ndim == 4:
+            return float_to_uint8(self.data)
+        raise ValueError("uint8() is only defined for 8-bit image data")
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayDataset(n={len(self)}, item_shape={self.item_shape}, dtype={self.data.dtype}, "
+            f"hflip={self.hflip})"
+        )
+
+
+def as_tensor(data: Any) -> Tensor:
+    """The whole data set as one tensor: a tensor is returned as is, an :class:`ArrayDataset`
+    through ``.tensor()``, any other map-style dataset by stacking ``dataset[i][0]``."""
+    if isinstance(data, Tensor):
+        return data
+    if isinstance(data, ArrayDataset):
+        return data.tensor()
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        items = [data[i] for i in range(len(data))]
+        return torch.stack([it[0] if isinstance(it, tuple | list) else it for it in items])
+    raise TypeError(f"as_tensor: cannot turn {type(data).__name__} into a tensor")
+
+
+# --------------------------------------------------------------------------------------------
+# toy 2-D distributions
+# --------------------------------------------------------------------------------------------
+
+TOY2D_NAMES: tuple[str, ...] = ("swiss_roll", "two_moons", "eight_gaussians", "checkerboard", "rings")
+
+# Raw-parameter choices of the toy distributions (before scaling).
+_SWISS_T = (1.5 * math.pi, 4.5 * math.pi)  # t ~ U(a, b); point (t cos t, t sin t)
+_SWISS_NOISE = 0.5
+_MOONS_NOISE = 0.1
+_EIGHT_RADIUS, _EIGHT_STD = 2.0, 0.2
+_RING_RADII = (1.0, 2.0, 3.0, 4.0)
+_RING_NOISE = 0.08
+
+
+def _toy_stats(name: str) -> tuple[tuple[float, float], float]:
+    """Exact mean and mean per-coordinate standard deviation of the raw toy distributions."""
+    if name == "swiss_roll":
+        a, b = _SWISS_T
+        w = b - a
+        mx = ((b * math.sin(b) + math.cos(b)) - (a * math.sin(a) + math.cos(a))) / w  # E[t cos t]
+        my = ((math.sin(b) - b * math.cos(b)) - (math.sin(a) - a * math.cos(a))) / w  # E[t sin t]
+        et2 = (b**3 - a**3) / (3 * w)  # E[t^2] = E[x^2 + y^2]
+        var = (et2 - mx**2 - my**2) / 2 + _SWISS_NOISE**2
+        return (mx, my), math.sqrt(var)
+    if name == "two_moons":
+        # upper moon (cos s, sin s), lower moon (1 - cos s, 1/2 - sin s), s ~ U(0, pi), equal weights
+        e_sin = 2 / math.pi
+        mx, my = 0.5, 0.25
+        ex2 = 0.5 * 0.5 + 0.5 * (1 + 0.5)
+        ey2 = 0.5 * 0.5 + 0.5 * (0.25 - e_sin + 0.5)
+        var = (ex2 - mx**2 + ey2 - my**2) / 2 + _MOONS_NOISE**2
+        return (mx, my), math.sqrt(var)
+    if name == "eight_gaussians":
+        return (0.0, 0.0), math.sqrt(_EIGHT_RADIUS**2 / 2 + _EIGHT_STD**2)
+    if name == "checkerboard":
+        return (0.0, 0.0), math.sqrt(4.0 / 3.0)  # both marginals are U(-2, 2)
+    if name == "rings":
+        er2 = sum(r * r for r in _RING_RADII) / len(_RING_RADII)
+        return (0.0, 0.0), math.sqrt(er2 / 2 + _RING_NOISE**2)
+    raise ValueError(f"unknown toy2d distribution {name!r}; choose one of {', '.join(TOY2D_NAMES)}")
+
+
+def _toy_raw(name: str, n: int, g: torch.Generator) -> Tensor:
+    f64 = torch.float64
+    if name == "swiss_roll":
+        a, b = _SWISS_T
+        t = a + (b - a) * torch.rand(n, generator=g, dtype=f64)
+        x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+        return x + _SWISS_NOISE * torch.randn(n, 2, generator=g, dtype=f64)
+    if name == "two_moons":
+        s = math.pi * torch.rand(n, generator=g, dtype=f64)
+        lower = torch.rand(n, generator=g, dtype=f64) < 0.5
+        x = torch.where(lower, 1.0 - torch.cos(s), torch.cos(s))
+        y = torch.where(lower, 0.5 - torch.sin(s), torch.sin(s))
+        return torch.stack([x, y], dim=1) + _MOONS_NOISE * torch.randn(n, 2, generator=g, dtype=f64)
+    if name == "eight_gaussians":
+        k = torch.randint(0, 8, (n,), generator=g).to(f64)
+        ang = k * (2 * math.pi / 8)
+        c = _EIGHT_RADIUS * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
+        return c + _EIGHT_STD * torch.randn(n, 2, generator=g, dtype=f64)
+    if name == "checkerboard":
+        # 4x4 board on [-2, 2]^2; squares with (row + col) even are filled
+        x1 = 4.0 * torch.rand(n, generator=g, dtype=f64) - 2.0
+        col = torch.floor(x1 + 2.0).clamp(0, 3)
+        row = 2 * torch.randint(0, 2, (n,), generator=g).to(f64) + torch.remainder(col, 2)
+        x2 = row - 2.0 + torch.rand(n, generator=g, dtype=f64)
+        return torch.stack([x1, x2], dim=1)
+    if name == "rings":
+        radii = torch.tensor(_RING_RADII, dtype=f64)
+        r = radii[torch.randint(0, len(_RING_RADII), (n,), generator=g)]
+        ang = 2 * math.pi * torch.rand(n, generator=g, dtype=f64)
+        x = r[:, None] * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
+        return x + _RING_NOISE * torch.randn(n, 2, generator=g, dtype=f64)
+    raise ValueError(f"unknown toy2d distribution {name!r}; choose one of {', '.join(TOY2D_NAMES)}")
+
+
+def toy2d(
+    name: str, n: int, *, seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``n`` samples ``(n, 2)`` from a toy 2-D distribution (one of :data:`TOY2D_NAMES`).
+
+    Raw distributions:
+
+    * ``swiss_roll``: ``(t cos t, t sin t)``, ``t ~ U(1.5 pi, 4.5 pi)``, plus ``N(0, 0.5^2 I)``;
+    * ``two_moons``: equal mix of ``(cos s, sin s)`` and ``(1 - cos s, 1/2 - sin s)``,
+      ``s ~ U(0, pi)``, plus ``N(0, 0.1^2 I)``;
+    * ``eight_gaussians``: 8 equal-weight ``N(c_k, 0.2^2 I)``, ``c_k`` at radius 2, angles
+      ``k pi / 4``;
+    * ``checkerboard``: uniform on the 8 filled squares of a 4x4 board on ``[-2, 2]^2``;
+    * ``rings``: equal mix of circles of radius 1, 2, 3, 4 (uniform angle), plus
+      ``N(0, 0.08^2 I)``.
+
+    Scaling: each raw distribution is centred by its exact mean and divided by one fixed
+    constant, its exact root-mean per-coordinate variance ``sqrt((Var x + Var y) / 2)``, so the
+    returned points have mean 0 and average per-coordinate variance 1 (the shape is kept;
+    individual coordinates may have variance above or below 1).  The constants do not depend
+    on ``n`` or the seed.
+
+    Args:
+        name: distribution name; unknown names raise ``ValueError`` listing the valid ones.
+        n: number of samples (``>= 0``).
+        seed: int seed or a ``torch.Generator`` (advanced in place).
+        dtype: output dtype (sampling is done in float64).
+    """
+    if name not in TOY2D_NAMES:
+        raise ValueError(f"unknown toy2d distribution {name!r}; choose one of {', '.join(TOY2D_NAMES)}")
+    if int(n) < 0:
+        raise ValueError(f"toy2d: n must be >= 0, got {n}")
+    g = _as_generator(seed)
+    raw = _toy_raw(name, int(n), g)
+    mean, scale = _toy_stats(name)
+    return ((raw - torch.tensor(mean, dtype=torch.float64)) / scale).to(dtype)
+
+
+def toy2d_dataset(name: str = "checkerboard", n: int = 10000, seed: int = 0) -> ArrayDataset:
+    """:func:`toy2d` samples as an unlabelled :class:`ArrayDataset` of 2-D points."""
+    return ArrayDataset(toy2d(name, n, seed=seed))
+
+
+def mixture_samples(mixture: Any, n: int, *, seed: int | torch.Generator = 0) -> Tensor:
+    """``n`` samples from any object with ``.sample(n, generator=...)`` (e.g. an oracle
+    ``GaussianMixture``), drawn with a ``torch.Generator`` seeded by ``seed``.
+
+    No rescaling is applied, so the samples follow the mixture's own (exactly known) density.
+    Returns a float tensor ``(n, D)``; non-finite samples or a wrong shape raise ``ValueError``.
+    """
+    if not callable(getattr(mixture, "sample", None)):
+        raise ValueError(
+            f"mixture_samples needs an object with a .sample(n, generator=...) method, got "
+            f"{type(mixture).__name__}"
+        )
+    x = torch.as_tensor(mixture.sample(int(n), generator=_as_generator(seed)))
+    if x.ndim != 2 or x.shape[0] != int(n):
+        raise ValueError(
+            f"{type(mixture).__name__}.sample({n}) returned shape {tuple(x.shape)}, expected ({n}, D)"
+        )
+    if not torch.is_floating_point(x) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{type(mixture).__name__}.sample returned non-float or non-finite values")
+    return x
+
+
+def mixture_dataset(mixture: Any, n: int = 10000, seed: int = 0) -> ArrayDataset:
+    """:func:`mixture_samples` as an unlabelled :class:`ArrayDataset`."""
+    return ArrayDataset(mixture_samples(mixture, n, seed=seed))
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn digits
+# --------------------------------------------------------------------------------------------
+
+DIGITS_SPLIT_SIZES: dict[str, int] = {"train": 1397, "val": 200, "test": 200}
+_DIGITS_SPLIT_SEED = 20240601
+
+
+def _digits_split_indices() -> dict[str, np.ndarray]:
+    n = sum(DIGITS_SPLIT_SIZES.values())
+    keys = [_hash_ints(_DIGITS_SPLIT_SEED, i) for i in range(n)]
+    perm = np.array(sorted(range(n), key=lambda i: keys[i]), dtype=np.int64)
+    out, start = {}, 0
+    for split, size in DIGITS_SPLIT_SIZES.items():
+        out[split] = np.sort(perm[start : start + size])
+        start += size
+    return out
+
+
+def load_digits_uint8(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as 8-bit images ``(N, 1, 8, 8)`` ``uint8`` and labels.
+
+    Grey levels ``v`` in ``0..16`` become 8-bit values ``k = round(v * 255 / 16)`` with halves
+    rounded up (``k = floor(v * 255 / 16 + 1/2)``, so ``8 -> 128``, ``16 -> 255``).
+
+    Split (fixed, documented, independent of library versions): the 1797 images are ordered by
+    a splitmix64 hash of ``(seed=20240601, index)``; the first 1397 form ``"train"``, the next
+    200 ``"val"`` and the last 200 ``"test"``.  Within each split images keep scikit-learn's
+    original order.  The splits are disjoint and cover all 1797 images.
+    """
+    if split not in DIGITS_SPLIT_SIZES:
+        raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(DIGITS_SPLIT_SIZES)}")
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    v = np.rint(d.images).astype(np.int64)
+    if v.shape[0] != sum(DIGITS_SPLIT_SIZES.values()) or v.min() < 0 or v.max() > 16:
+        raise ValueError("scikit-learn's digits data has an unexpected size or grey-level range")
+    k = ((v * 255 * 2 + 16) // 32).astype(np.uint8)
+    idx = _digits_split_indices()[split]
+    return k[idx][:, None, :, :], np.asarray(d.target, dtype=np.int64)[idx]
+
+
+def digits(split: str = "train", *, hflip: bool = False, flip_seed: int = 0) -> ArrayDataset:
+    """The digits ``split`` (``"train"``, ``"val"``, ``"test"``) as an :class:`ArrayDataset` of
+    ``(1, 8, 8)`` images in ``[-1, 1]`` with labels 0..9; see :func:`load_digits_uint8`."""
+    x, y = load_digits_uint8(split)
+    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), hflip=hflip, flip_seed=flip_seed)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 python pickles
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_codecs_encode(obj: Any, encoding: str = "utf-8") -> bytes:
+    # Python 3 pickles (protocol <= 2) store bytes as _codecs.encode(str, "latin1").
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    if not isinstance(obj, str):
+        raise pickle.UnpicklingError("refusing _codecs.encode of a non-string")
+    return obj.encode("latin1")
+
+
+_NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's multiarray._reconstruct
+_NP_SCALAR = np.int64(0).__reduce__()[0]  # numpy's multiarray.scalar
+_NP_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # numpy's numeric._frombuffer (pickle protocol 5)
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _NP_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NP_SCALAR,
+    ("numpy.core.numeric", "_frombuffer"): _NP_FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _NP_FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _safe_codecs_encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays/scalars and plain containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal("persistent id")
+
+
+def safe_unpickle(path: PathLike, what: str = "pickle file") -> Any:
+    """Unpickle ``path`` allowing only numpy arrays, numpy scalars and builtin containers.
+
+    Any other global (functions, classes, ``os.system``, ...) is refused *before* it is called:
+    ``ValueError`` naming the file and the refused object.  Python 2 pickles (such as the
+    CIFAR-10 batches) are read with ``encoding="bytes"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise ValueError(
+            f"refusing to load {path}: the pickle asks for {e}, which a {what} never contains "
+            "(only numpy arrays, lists and dicts are allowed). The file is not a genuine data file "
+            "and may be malicious; re-download it from the original source."
+        ) from None
+    except Exception as e:  # truncated/corrupt pickles raise many different exception types
+        raise ValueError(
+            f"cannot read {path}: the {what} is truncated or corrupt ({type(e).__name__}: {e}); "
+            "re-download and re-extract it"
+        ) from None
+
+
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar_dir(root: PathLike) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"CIFAR-10 directory not found: {root}. Download {_CIFAR_URL}, extract it and pass the "
+            "'cifar-10-batches-py' directory (or its parent) as root"
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 root must be a directory, got file {root}")
+    sub = root / "cifar-10-batches-py"
+    if not (root / "test_batch").exists() and not (root / "data_batch_1").exists() and sub.is_dir():
+        return sub
+    return root
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 batch file missing: {path}. The directory must hold data_batch_1..5 and "
+            f"test_batch from {_CIFAR_URL} (extract the archive without renaming files)"
+        )
+    d = safe_unpickle(path, what="CIFAR-10 batch")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected a pickled dict, got {type(d).__name__}")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch: keys {sorted(map(str, d))} lack 'data'/'labels' "
+            "(use the 'CIFAR-10 python version' archive)"
+        )
+    data, labels = d["data"], d["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # noqa: BLE001 - any conversion problem is a format problem
+        labels = np.asarray([], dtype=object)
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: 'labels' must be {data.shape[0]} integers (one per image), got "
+            f"{labels.dtype} array of shape {labels.shape}; the file is corrupt"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must lie in 0..9, got range {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def load_cifar10(root: PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Read CIFAR-10 python batches: ``uint8`` images ``(N, 3, 32, 32)`` and ``int64`` labels.
+
+    ``root`` is the extracted ``cifar-10-batches-py`` directory or its parent.  ``"train"``
+    concatenates ``data_batch_1`` .. ``data_batch_5`` in that order, ``"test"`` is
+    ``test_batch``.  Each batch's ``b"data"`` rows (3072 bytes, row-major ``C, H, W``) are
+    reshaped to ``(3, 32, 32)`` in file order.  Files are read through :func:`safe_unpickle`.
+    """
+    if split not in _CIFAR_FILES:
+        raise ValueError(f"unknown CIFAR-10 split {split!r}; choose 'train' or 'test'")
+    base = _cifar_dir(root)
+    parts = [_read_cifar_batch(base / name) for name in _CIFAR_FILES[split]]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def cifar10(root: PathLike, split: str = "train", *, hflip: bool = False, flip_seed: int = 0) -> ArrayDataset:
+    """CIFAR-10 ``split`` as an :class:`ArrayDataset` of ``(3, 32, 32)`` images in ``[-1, 1]``
+    with labels 0..9 (see :func:`load_cifar10`)."""
+    x, y = load_cifar10(root, split)
+    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), hflip=hflip, flip_seed=flip_seed)
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST idx files
+# --------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: PathLike, *, expected_magic: int | None = None) -> np.ndarray:
+    """Read one idx file (plain or gzip-compressed, detected from the content) into a numpy
+    array in native byte order.
+
+    The header is a big-endian 32-bit magic number ``0x0000TTNN`` (``TT`` the element type,
+    e.g. ``0x08`` = uint8; ``NN`` the number of dimensions), then ``NN`` big-endian 32-bit
+    sizes, then the data.  MNIST images have magic ``0x00000803``, labels ``0x00000801``.
+    With ``expected_magic`` a different magic number raises ``ValueError``; so do truncated or
+    over-long files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"idx file not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"cannot decompress {path}: the gzip file is truncated or corrupt ({e}); re-download it"
+            ) from None
+    if len(raw) < 4:
+        raise ValueError(
+            f"{path} is truncated: {len(raw)} bytes, too short for an idx header; re-download it"
+        )
+    magic = int.from_bytes(raw[:4], "big")
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(
+            f"{path}: wrong magic number 0x{magic:08X}, expected 0x{expected_magic:08X}; this is not the "
+            "expected idx file (images 0x00000803, labels 0x00000801) - check the file name and that it "
+            "was fully downloaded/decompressed"
+        )
+    type_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
+    if magic >> 16 != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(f"{path}: 0x{magic:08X} is not a valid idx magic number; this is not an idx file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated inside its header; re-download it")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    expected = math.prod(shape) * dtype.itemsize
+    got = len(raw) - header
+    if got != expected:
+        problem = "truncated" if got < expected else "longer than its header says"
+        raise ValueError(
+            f"{path} is {problem}: header shape {shape} needs {expected} data bytes, found {got}; "
+            "re-download the file"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))
+
+
+_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def _find_idx(root: Path, prefix: str, kind: str, idx_n: int) -> Path:
+    names = [f"{prefix}-{kind}-idx{idx_n}-ubyte", f"{prefix}-{kind}.idx{idx_n}-ubyte"]
+    dirs = [root, root / "raw"]
+    tried = []
+    for d in dirs:
+        for name in names:
+            for suffix in ("", ".gz"):
+                p = d / (name + suffix)
+                tried.append(p)
+                if p.is_file():
+                    return p
+    raise FileNotFoundError(
+        f"MNIST-format file {names[0]}[.gz] not found under {root} (looked for: "
+        f"{', '.join(str(t) for t in tried[:4])}, ...). Put the four idx files (train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, plain or .gz) in root"
+    )
+
+
+def load_mnist(root: PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Read MNIST-format idx files (MNIST, Fashion-MNIST, ...): ``uint8`` images
+    ``(N, 1, H, W)`` and ``int64`` labels, in file order.
+
+    ``root`` holds (directly or in ``root/raw``) ``{train,t10k}-images-idx3-ubyte`` and
+    ``{train,t10k}-labels-idx1-ubyte``, each plain or ``.gz`` (``.idx3-ubyte`` spellings are
+    accepted too).  ``split`` is ``"train"`` or ``"test"``.
+    """
+    if split not in _MNIST_PREFIX:
+        raise ValueError(f"unknown MNIST split {split!r}; choose 'train' or 'test'")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"MNIST directory not found: {root}. Pass the directory holding the downloaded idx files as root"
+        )
+    prefix = _MNIST_PREFIX[split]
+    img_path = _find_idx(root, prefix, "images", 3)
+    lab_path = _find_idx(root, prefix, "labels", 1)
+    images = read_idx(img_path, expected_magic=0x00000803)
+    labels = read_idx(lab_path, expected_magic=0x00000801)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
+            "the files do not belong together (mixed splits or datasets?)"
+        )
+    return images[:, None, :, :], labels.astype(np.int64)
+
+
+def mnist(root: PathLike, split: str = "train", *, hflip: bool = False, flip_seed: int = 0) -> ArrayDataset:
+    """MNIST ``split`` as an :class:`ArrayDataset` of ``(1, 28, 28)`` images in ``[-1, 1]``
+    (see :func:`load_mnist`)."""
+    x, y = load_mnist(root, split)
+    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), hflip=hflip, flip_seed=flip_seed)
+
+
+def fashion_mnist(
+    root: PathLike, split: str = "train", *, hflip: bool = False, flip_seed: int = 0
+) -> ArrayDataset:
+    """Fashion-MNIST ``split``: same idx file names and layout as MNIST (see :func:`load_mnist`)."""
+    return mnist(root, split, hflip=hflip, flip_seed=flip_seed)
+
+
+# --------------------------------------------------------------------------------------------
+# folder of images
+# --------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def load_image_folder(
+    root: PathLike,
+    *,
+    labels_from_subfolders: bool = False,
+    mode: str = "RGB",
+    size: int | Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """Read every image file (``.png .jpg .jpeg .bmp``, any case) under ``root`` with Pillow.
+
+    Files are found recursively (hidden files/folders skipped) and ordered by their relative
+    POSIX path.  Each is converted to ``mode`` (``"RGB"`` -> 3 channels, ``"L"`` -> 1 channel);
+    16-bit and float images are refused rather than silently clipped.  All images must have
+    the same size unless ``size=(H, W)`` (or an int) is given, which resizes with bicubic
+    filtering.
+
+    With ``labels_from_subfolders=True`` each immediate subfolder of ``root`` is a class (class
+    index = position in the sorted folder names) and images directly in ``root`` are an error.
+
+    Returns ``(images uint8 (N, C, H, W), labels int64 (N,) or None, class names or None)``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder not found: {root}. Pass an existing directory of images as root"
+        )
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    if size is not None:
+        size_hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        if len(size_hw) != 2 or min(size_hw) <= 0:
+            raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
+    files = sorted(
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p.relative_to(root))
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the path"
+        )
+    classes: list[str] | None = None
+    labels: np.ndarray | None = None
+    if labels_from_subfolders:
+        top = [p for p in files if p.parent == root]
+        if top:
+            raise ValueError(
+                f"labels_from_subfolders=True but {top[0]} lies directly in {root}; put every image in a "
+                "class subfolder (root/<class name>/...) or set labels_from_subfolders=False"
+            )
+        class_of = [p.relative_to(root).parts[0] for p in files]
+        classes = sorted(set(class_of))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[c] for c in class_of], dtype=np.int64)
+
+    arrays, first = [], None
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                if im.mode in ("I", "F") or im.mode.startswith("I;"):
+                    raise ValueError(
+                        f"{p}: {im.mode!r} (16-bit or float) images are not supported; convert them to "
+                        "8-bit first"
+                    )
+                im = im.convert(mode)
+                if size is not None and im.size != (size_hw[1], size_hw[0]):
+                    im = im.resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
+                a = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(
+                f"cannot read image {p}: the file is truncated or corrupt ({e}); remove or replace it"
+            ) from None
+        if first is None:
+            first = (p, a.shape)
+        elif a.shape != first[1]:
+            raise ValueError(
+                f"mixed image sizes: {p} is {a.shape[1]}x{a.shape[0]} but {first[0]} is "
+                f"{first[1][1]}x{first[1][0]} (width x height); resize the images to one size or pass "
+                "size=(H, W)"
+            )
+        arrays.append(a)
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), labels, classes
+
+
+def image_folder(
+    root: PathLike,
+    *,
+    labels_from_subfolders: bool = False,
+    mode: str = "RGB",
+    size: int | Sequence[int] | None = None,
+    hflip: bool = False,
+    flip_seed: int = 0,
+) -> ArrayDataset:
+    """A folder of images as an :class:`ArrayDataset` in ``[-1, 1]`` (see
+    :func:`load_image_folder`); unlabelled folders get label ``-1``, ``dataset.classes`` holds
+    the class names."""
+    x, y, classes = load_image_folder(
+        root, labels_from_subfolders=labels_from_subfolders, mode=mode, size=size
+    )
+    return ArrayDataset(
+        torch.from_numpy(x),
+        None if y is None else torch.from_numpy(y),
+        hflip=hflip,
+        flip_seed=flip_seed,
+        classes=classes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# .npy / .npz arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _np_load(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"array file not found: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        return {"": np.load(path, allow_pickle=False)}
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise ValueError(
+                f"{path} holds Python object arrays, which are never unpickled; save plain numeric arrays "
+                "(np.save / np.savez with uint8 or float data)"
+            ) from None
+        raise ValueError(
+            f"cannot read {path}: the file is truncated or corrupt ({e}); re-create it"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(
+            f"cannot read {path}: the file is truncated or corrupt ({e}); re-create it"
+        ) from None
+
+
+def _select(arrays: dict[str, np.ndarray], key: str | None, path: Path, what: str) -> np.ndarray:
+    if "" in arrays:  # a .npy file
+        if key is not None:
+            raise ValueError(f"{path} is a single .npy array; {what} key={key!r} only applies to .npz files")
+        return arrays[""]
+    if key is None:
+        if len(arrays) == 1:
+            return next(iter(arrays.values()))
+        raise ValueError(f"{path} holds several arrays {sorted(arrays)}; choose one with key=")
+    if key not in arrays:
+        raise ValueError(f"{path} has no array {key!r} ({what}); available: {sorted(arrays)}")
+    return arrays[key]
+
+
+def _prepare_images(
+    a: np.ndarray, path: PathLike, value_range: Sequence[float] | None, layout: str
+) -> Tensor:
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: image arrays must be integer or float, got dtype {a.dtype}")
+    if a.ndim not in (3, 4):
+        raise ValueError(
+            f"{path}: wrong rank: an image array must be (N, H, W) or (N, C, H, W) / (N, H, W, C), got "
+            f"shape {a.shape}; reshape it (for (N, D) point data use kind='vectors')"
+        )
+    if a.shape[0] == 0 or a.size == 0:
+        raise ValueError(f"{path}: the array is empty (shape {a.shape})")
+    if a.ndim == 3:
+        a = a[:, None]
+    else:
+        if layout == "auto":
+            ch = (1, 3, 4)
+            first, last = a.shape[1] in ch, a.shape[3] in ch
+            if first == last:
+                raise ValueError(
+                    f"{path}: cannot tell channels-first from channels-last for shape {a.shape}; pass "
+                    "layout='NCHW' or layout='NHWC'"
+                )
+            layout = "NCHW" if first else "NHWC"
+        if layout == "NHWC":
+            a = a.transpose(0, 3, 1, 2)
+        elif layout != "NCHW":
+            raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+    is_int = a.dtype.kind in "iu"
+    if not is_int and not np.isfinite(a).all():
+        raise ValueError(f"{path}: the array contains NaN or inf values; clean the data before loading")
+    if value_range is None:
+        lo, hi = (0.0, 255.0) if is_int else (-1.0, 1.0)
+    else:
+        if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}")
+        lo, hi = float(value_range[0]), float(value_range[1])
+    amin, amax = float(a.min()), float(a.max())
+    tol = 1e-6 * (hi - lo)
+    if amin < lo - tol or amax > hi + tol:
+        hint = (
+            "integer arrays must hold 8-bit values 0..255"
+            if is_int and value_range is None
+            else "pass value_range=[0, 1] for data in [0, 1], [0, 255] for 8-bit values stored as floats"
+        )
+        raise ValueError(
+            f"{path}: values span [{amin:.6g}, {amax:.6g}], outside value_range [{lo:g}, {hi:g}]; {hint}"
+        )
+    if is_int and (lo, hi) == (0.0, 255.0):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    return ((x - lo) * (2.0 / (hi - lo)) - 1.0).clamp(-1.0, 1.0).to(torch.float32)
+
+
+def _prepare_vectors(a: np.ndarray, path: PathLike, value_range: Sequence[float] | None) -> Tensor:
+    if value_range is not None:
+        raise ValueError("value_range only applies to kind='images'; vectors are returned unscaled")
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: vector arrays must be integer or float, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(
+            f"{path}: wrong rank: kind='vectors' needs a non-empty (N, D) array, got shape {a.shape}"
+        )
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"{path}: the array contains NaN or inf values; clean the data before loading")
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _load_array_raw(
+    path: PathLike,
+    key: str | None,
+    labels_key: str | None,
+    value_range: Sequence[float] | None,
+    layout: str,
+    kind: str,
+) -> tuple[Tensor, Tensor | None]:
+    path = Path(path).expanduser()
+    if kind not in ("images", "vectors"):
+        raise ValueError(f"kind must be 'images' or 'vectors', got {kind!r}")
+    arrays = _np_load(path)
+    a = _select(arrays, key, path, "data")
+    x = (
+        _prepare_images(a, path, value_range, layout)
+        if kind == "images"
+        else _prepare_vectors(a, path, value_range)
+    )
+    labels = None
+    if labels_key is not None:
+        lab = _select(arrays, labels_key, path, "labels")
+        if lab.dtype.kind not in "iu" or lab.shape != (x.shape[0],):
+            raise ValueError(
+                f"{path}: labels {labels_key!r} must be {x.shape[0]} integers, "
+                f"got {lab.dtype} of shape {lab.shape}"
+            )
+        labels = torch.from_numpy(lab.astype(np.int64))
+    return x, labels
+
+
+def load_array(
+    path: PathLike,
+    *,
+    key: str | None = None,
+    value_range: Sequence[float] | None = None,
+    layout: str = "auto",
+    kind: str = "images",
+) -> Tensor:
+    """Load a ``.npy`` / ``.npz`` array (never unpickling) as a float tensor.
+
+    ``kind="images"`` (default): the array is ``(N, H, W)`` (one channel added),
+    ``(N, C, H, W)`` or ``(N, H, W, C)`` (``layout="auto"`` decides by which axis has 1, 3 or 4
+    entries; pass ``"NCHW"``/``"NHWC"`` when ambiguous).  Value rule: the stored values must lie
+    in ``value_range = (low, high)`` and are mapped linearly onto ``[-1, 1]``.  Default range:
+    ``(0, 255)`` for integer arrays (8-bit images, mapped by ``k / 127.5 - 1``) and ``(-1, 1)``
+    for float arrays (used as is); use ``value_range=(0, 1)`` for float data in ``[0, 1]``.
+    Out-of-range values, NaN/inf or a rank other than 3/4 raise ``ValueError``.
+
+    ``kind="vectors"``: a finite ``(N, D)`` array returned unscaled as float32.
+
+    ``key`` picks the array of an ``.npz`` holding several.
+    """
+    x, _ = _load_array_raw(path, key, None, value_range, layout, kind)
+    return uint8_to_float(x) if x.dtype == torch.uint8 else x
+
+
+def numpy_file(
+    path: PathLike,
+    *,
+    key: str | None = None,
+    labels_key: str | None = None,
+    value_range: Sequence[float] | None = None,
+    layout: str = "auto",
+    kind: str = "images",
+    hflip: bool = False,
+    flip_seed: int = 0,
+) -> ArrayDataset:
+    """A ``.npy``/``.npz`` array as an :class:`ArrayDataset` (rules in :func:`load_array`);
+    ``labels_key`` names an integer ``(N,)`` label array in the same ``.npz``.  8-bit integer
+    images are kept as ``uint8`` so ``dataset.uint8()`` is exact."""
+    x, labels = _load_array_raw(path, key, labels_key, value_range, layout, kind)
+    return ArrayDataset(x, labels, hflip=hflip, flip_seed=flip_seed)
+
+
+# --------------------------------------------------------------------------------------------
+# convenience
+# --------------------------------------------------------------------------------------------
+
+
+def make_dataset(name: str, /, **kwargs: Any) -> ArrayDataset:
+    """Build a dataset by short name, forwarding ``kwargs``: ``toy2d`` (:func:`toy2d_dataset`),
+    ``mixture``, ``digits``, ``cifar10``, ``mnist``, ``fashion_mnist``, ``image_folder``,
+    ``numpy_file``.  (Hydra configs call the functions directly through ``_target_``.)"""
+    builders = {
+        "toy2d": toy2d_dataset,
+        "mixture": mixture_dataset,
+        "digits": digits,
+        "cifar10": cifar10,
+        "mnist": mnist,
+        "fashion_mnist": fashion_mnist,
+        "image_folder": image_folder,
+        "numpy_file": numpy_file,
+    }
+    if name not in builders:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(builders)}")
+    return builders[name](**kwargs)
