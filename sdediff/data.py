@@ -69,7 +69,6 @@ __all__ = [
     "image_folder",
     "load_array",
     "numpy_file",
-    "make_dataset",
 ]
 
 PathLike = str | os.PathLike
@@ -1118,20 +1117,3 @@ def numpy_file(
 # --------------------------------------------------------------------------------------------
 
 
-def make_dataset(name: str, /, **kwargs: Any) -> ArrayDataset:
-    """Build a dataset by short name, forwarding ``kwargs``: ``toy2d`` (:func:`toy2d_dataset`),
-    ``mixture``, ``digits``, ``cifar10``, ``mnist``, ``fashion_mnist``, ``image_folder``,
-    ``numpy_file``.  (Hydra configs call the functions directly through ``_target_``.)"""
-    builders = {
-        "toy2d": toy2d_dataset,
-        "mixture": mixture_dataset,
-        "digits": digits,
-        "cifar10": cifar10,
-        "mnist": mnist,
-        "fashion_mnist": fashion_mnist,
-        "image_folder": image_folder,
-        "numpy_file": numpy_file,
-    }
-    if name not in builders:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(builders)}")
-    return builders[name](**kwargs)

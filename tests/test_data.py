@@ -626,9 +626,6 @@ def test_dataloader_and_helpers():
     assert torch.equal(xb, ds.tensor()[:64])
     assert torch.equal(D.as_tensor(ds), ds.tensor())
     assert torch.equal(D.as_tensor(torch.utils.data.TensorDataset(ds.tensor()[:3])), ds.tensor()[:3])
-    assert len(D.make_dataset("toy2d", name="rings", n=7)) == 7
-    with pytest.raises(ValueError, match="toy2d"):
-        D.make_dataset("imagenet")
 
 
 def test_library_module_does_not_import_hydra():

@@ -1,0 +1,9 @@
+"""Networks: a residual MLP for vectors and a DDPM++-style U-Net for images.
+
+Both are called as ``net(x, t)`` with continuous times ``t`` of shape ``(B,)``.
+"""
+
+from .embedding import FourierFeatures, TimeEmbedding, sinusoidal_embedding
+from .mlp import MLP
+
+__all__ = ["MLP", "TimeEmbedding", "FourierFeatures", "sinusoidal_embedding"]
