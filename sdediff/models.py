@@ -131,7 +131,16 @@ def _batch_times(t, x: Tensor) -> Tensor:
 
 
 def as_model(obj) -> Model:
-    """A :class:`Model` as is; any other callable is taken to be an eps-predictor."""
+    """A :class:`Model` as is; any other callable is taken to be an eps-predictor.
+
+    A :class:`Model` wrapped by ``torch.compile`` or ``DistributedDataParallel`` keeps its prediction
+    kind: the wrapper is still what gets called, so compilation and gradient synchronisation apply.
+    """
     if isinstance(obj, Model):
         return obj
+    inner = getattr(obj, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if not isinstance(inner, Model):
+        inner = getattr(obj, "module", None)  # DistributedDataParallel / DataParallel
+    if isinstance(inner, Model):
+        return Model(obj, inner.prediction)
     return Model(obj, "eps")

@@ -138,3 +138,21 @@ def test_model_wraps_modules_and_validates():
     with pytest.raises(ValueError, match="times must be a scalar"):
         model(torch.zeros(3, 2), torch.zeros(2))
     assert sd.as_model(model) is model
+
+
+def test_as_model_sees_through_ddp_and_compile_wrappers():
+    inner = sd.Model(TimeLinear(), prediction="x0")
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel (.module)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, t):
+            return self.module(x, t) + 1.0
+
+    wrapped = sd.as_model(Wrapper(inner))
+    assert wrapped.prediction == "x0"
+    x = torch.zeros(2, 2)
+    torch.testing.assert_close(wrapped(x, 0.5), inner(x, 0.5) + 1.0)  # the wrapper is what runs
+    assert sd.as_model(TimeLinear()).prediction == "eps"
