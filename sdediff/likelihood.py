@@ -564,7 +564,7 @@ def bits_per_dim(
 # ------------------------------------------------------------------------------------------------------
 # Gaussian helpers
 # ------------------------------------------------------------------------------------------------------
-def _gaussian_kl(mu_q: Tensor, var_q: Tensor, mu_p: Tensor, var_p: Tensor) -> Tensor:
+def gaussian_kl(mu_q: Tensor, var_q: Tensor, mu_p: Tensor, var_p: Tensor) -> Tensor:
     """``KL(N(mu_q, var_q I) || N(mu_p, var_p I))`` summed over all but the first dimension (nats).
 
     The variances broadcast against the means (scalars or per-sample columns).
@@ -574,9 +574,12 @@ def _gaussian_kl(mu_q: Tensor, var_q: Tensor, mu_p: Tensor, var_p: Tensor) -> Te
     return per_dim.flatten(1).sum(1)
 
 
-def _log_bin_prob(x: Tensor, mean: Tensor, std: Tensor, half_width: float, lo: float, hi: float) -> Tensor:
+def discretized_gaussian_log_prob(
+    x: Tensor, mean: Tensor, std, half_width: float, lo: float, hi: float, reduce: bool = True
+) -> Tensor:
     """``log P(bin of x)`` under ``N(mean, std^2)`` with bins ``[x - h, x + h]``, the outermost ones (x at
-    ``lo`` or ``hi``) extended to -inf / +inf; summed over all but the first dimension (DDPM's L_0)."""
+    ``lo`` or ``hi``) extended to -inf / +inf: DDPM's decoder (eq. 13) for L_0. Summed over all but the
+    first dimension, or per element with ``reduce=False``."""
     upper = (x + half_width - mean) / std
     lower = (x - half_width - mean) / std
     log_cdf_upper = torch.special.log_ndtr(upper)
@@ -587,15 +590,15 @@ def _log_bin_prob(x: Tensor, mean: Tensor, std: Tensor, half_width: float, lo: f
     mid = torch.where(lower > 0, mid_right, mid_left)
     tol = 1e-3 * half_width
     out = torch.where(x <= lo + tol, log_cdf_upper, torch.where(x >= hi - tol, log_sf_lower, mid))
-    return out.flatten(1).sum(1)
+    return out.flatten(1).sum(1) if reduce else out
 
 
-def _prior_kl(sde: SDE, x0: Tensor) -> Tensor:
+def prior_kl(sde: SDE, x0: Tensor) -> Tensor:
     """``KL(q(x_T | x_0) || N(0, prior_std^2 I))`` per sample (nats, float64)."""
     alpha, sigma = (v.item() for v in sde.marginal(sde.T))
     x64 = x0.to(torch.float64)
     p2 = sde.prior_std**2
-    return _gaussian_kl(alpha * x64, torch.tensor(sigma**2, dtype=torch.float64), torch.zeros_like(x64), p2)
+    return gaussian_kl(alpha * x64, torch.tensor(sigma**2, dtype=torch.float64), torch.zeros_like(x64), p2)
 
 
 def _col(v: Tensor, ndim: int, device) -> Tensor:
@@ -734,7 +737,7 @@ def discrete_vlb(
         return kl.reshape(R, B)
 
     # L_T
-    L_T = _prior_kl(sde, x0).to(dev)
+    L_T = prior_kl(sde, x0).to(dev)
 
     # L_0: decoder at t_1
     eps1 = eps_rows(0, 1, 1)[0]
@@ -749,7 +752,8 @@ def discrete_vlb(
     std0 = math.sqrt(var0)
     x064 = x0.to(torch.float64)
     if decoder == "discretized":
-        L_0 = -_log_bin_prob(x064, mean0, torch.tensor(std0, dtype=torch.float64), a / 510.0, b, a + b)
+        std0_t = torch.tensor(std0, dtype=torch.float64)
+        L_0 = -discretized_gaussian_log_prob(x064, mean0, std0_t, a / 510.0, b, a + b)
     else:
         L_0 = (0.5 * ((x064 - mean0) ** 2 / var0 + math.log(2 * math.pi * var0))).flatten(1).sum(1)
 
@@ -870,7 +874,7 @@ def continuous_elbo(
     sch = sde.schedule
 
     # prior KL
-    prior = _prior_kl(sde, x).to(dev)
+    prior = prior_kl(sde, x).to(dev)
 
     # reconstruction at t_eps
     a_e, s_e = (float(v) for v in sde.marginal(t_eps))
@@ -880,7 +884,7 @@ def continuous_elbo(
     else:
         eps0 = _randn(x.shape, generator, dev, torch.float64)
         x64 = x.to(torch.float64)
-        recon = -_log_bin_prob(
+        recon = -discretized_gaussian_log_prob(
             x64, x64 + s_rel * eps0, torch.tensor(s_rel, dtype=torch.float64), a / 510.0, b, a + b
         )
 

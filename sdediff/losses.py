@@ -99,6 +99,7 @@ import math
 import torch
 from torch import Tensor
 
+from .likelihood import discretized_gaussian_log_prob, prior_kl
 from .models import PREDICTIONS, as_model, convert
 from .schedules import Schedule
 from .sde import SDE, append_dims, coef_dtype
@@ -489,7 +490,9 @@ class DiffusionLoss:
             out = out + const.to(work)
             if self.decoder == "discretized":
                 x0_hat = convert(pred, xt_w, alpha, sigma, space, "x0")
-                nll = _discretized_gaussian_nll(x0_w, x0_hat, math.sqrt(self._decoder_var)).flatten(1)
+                std = math.sqrt(self._decoder_var)
+                logp = discretized_gaussian_log_prob(x0_w, x0_hat, std, 1.0 / 255, -1.0, 1.0, reduce=False)
+                nll = -logp.flatten(1)
                 nll = nll.sum(1) if self.reduction == "sum" else nll.mean(1)
                 out = torch.where(idx == 1, nll, out)
         return out
@@ -641,26 +644,8 @@ class DiffusionLoss:
     def prior_kl(self, x0: Tensor) -> Tensor:
         """``L_T = KL(q(x_T | x0) || N(0, prior_std^2 I))`` per sample (nats, summed over dimensions,
         or averaged if ``reduction="mean"``)."""
-        x = x0.to(torch.float64).flatten(1)
-        a, s = (float(v) for v in self.sde.marginal(self.schedule.T))
-        p2 = self.sde.prior_std**2
-        D = x.shape[1]
-        kl = 0.5 * ((a * a * x * x).sum(1) / p2 + D * (s * s / p2 - 1.0 - math.log(s * s / p2)))
-        kl = kl if self.reduction == "sum" else kl / D
+        kl = prior_kl(self.sde, x0)
+        kl = kl if self.reduction == "sum" else kl / x0[0].numel()
         return kl.to(coef_dtype(x0))
 
 
-def _discretized_gaussian_nll(x: Tensor, mean: Tensor, std: float, bins: int = 256) -> Tensor:
-    """-log of DDPM's discretized Gaussian decoder (eq. 13) for data in [-1, 1] with ``bins`` levels."""
-    half = 1.0 / (bins - 1)
-    inv = 1.0 / std
-    upper = torch.where(x > 1.0 - 1e-6, torch.full_like(x, math.inf), (x + half - mean) * inv)
-    lower = torch.where(x < -1.0 + 1e-6, torch.full_like(x, -math.inf), (x - half - mean) * inv)
-    # log(Phi(upper) - Phi(lower)) computed on the side with less cancellation
-    flip = (lower > 0).to(x.dtype)
-    hi = torch.where(flip > 0, -lower, upper)
-    lo = torch.where(flip > 0, -upper, lower)
-    log_hi = torch.special.log_ndtr(hi)
-    log_lo = torch.special.log_ndtr(lo)
-    logp = log_hi + torch.log1p(-torch.exp((log_lo - log_hi).clamp(max=0)).clamp(max=1 - 1e-12))
-    return -logp
