@@ -2,29 +2,62 @@
 
 One import gives the public API::
 
-    import sdediff
-    sde = sdediff.SDE(sdediff.DiscreteVP.ddpm(1000))
+    import sdediff as sd
+    sde = sd.SDE(sd.DiscreteVP.ddpm(1000))        # DDPM's chain, exactly, as a VP-SDE
+    x = sd.sample(model, sde, sampler="dpm_solver", steps=20, shape=(16, 3, 32, 32))
 """
 
-from . import oracle
+from . import data, nets, oracle, timegrids
+from .likelihood import (
+    bits_per_dim,
+    continuous_elbo,
+    discrete_vlb,
+    likelihood_report,
+    log_likelihood,
+    nats_to_bits_per_dim,
+)
+from .losses import TIME_SAMPLINGS, WEIGHTINGS, DiffusionLoss, kg_weight
 from .models import PREDICTIONS, Model, as_model, convert
+from .nets import MLP, UNet
+from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
+from .timegrids import get_times
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLP",
+    "PREDICTIONS",
+    "SAMPLERS",
     "SDE",
+    "TIME_SAMPLINGS",
     "VE",
+    "WEIGHTINGS",
     "CosineVP",
+    "DiffusionLoss",
     "DiscreteVP",
     "LinearVP",
     "Model",
-    "PREDICTIONS",
+    "SampleInfo",
+    "Sampler",
     "Schedule",
     "SubVP",
+    "UNet",
     "append_dims",
     "as_model",
+    "bits_per_dim",
+    "continuous_elbo",
     "convert",
+    "data",
+    "discrete_vlb",
+    "get_times",
+    "kg_weight",
+    "likelihood_report",
+    "log_likelihood",
+    "nats_to_bits_per_dim",
+    "nets",
     "oracle",
+    "sample",
+    "timegrids",
 ]
