@@ -161,8 +161,9 @@ def dequantize_uint8(
         raise ValueError("dequantize_uint8 expects integer 8-bit values; use dequantize() for [-1, 1] data")
     if k.numel() and (int(k.min()) < 0 or int(k.max()) > 255):
         raise ValueError("dequantize_uint8: values must lie in 0..255")
-    u = torch.rand(k.shape, generator=generator, dtype=torch.float64)
-    x = (2.0 * (k.double() + u) / 256.0 - 1.0).to(dtype)
+    from .likelihood import dequantize as dequantize_lattice  # the one implementation of the convention
+
+    x = dequantize_lattice(k, "[-1,1]", generator=generator, dtype=dtype)
     # keep the documented half-open range [-1, 1) after rounding to a low-precision dtype
     below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
     return torch.minimum(x, below_one)
