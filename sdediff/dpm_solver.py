@@ -21,10 +21,27 @@ returns the last data prediction (``h`` is infinite there).
 interpolant: the same for order 1, "dpmsolver"-type 2M, and a 3M whose second-difference term carries
 half the weight of the exact integral, which makes it only second order (kept for comparison).
 
+Two refinements make the defaults markedly more accurate at 10-50 evaluations (see
+``benchmarks/results/samplers.md``):
+
+* ``switch``: past half log-SNR ``switch`` (default 0, where alpha = sigma) the steps interpolate the
+  *noise* prediction instead (``x_t = (alpha_t/alpha_s) x_s - alpha_t integral e^{-l} eps(l) dl``,
+  integrated exactly too). An interpolation error in x0 enters a step with weight ~alpha_t, one in
+  eps with weight ~sigma_t: each form is used where its error is damped.
+* a last step to sigma = 0 extrapolates the data predictions of the last ``final_order`` evaluations
+  to ``v = (sigma/alpha)^2 = 0`` (x0(v) is smooth in v near 0: Tweedie) instead of returning the last
+  one; ``denoise=True`` does the same after one more evaluation at ``times[-1]``. The ``"dpm"`` grid of
+  :mod:`sdediff.timegrids` with ``t_min=0`` places that last step after a "knee".
+
 ``corrector=True`` adds, at no extra model evaluation, an Adams–Moulton-type correction (the idea of
 UniPC's UniC, Zhao et al. 2023): once the model has been evaluated at the predicted ``x_t``, the step
 ``s -> t`` is recomputed with the interpolant through the new prediction too (order ``p + 1``), and the
 solver continues from the corrected state (the model output is not recomputed).
+
+Recommended use (the tuned defaults; ``t_min=0`` lets the last step reach sigma = 0 on VP schedules)::
+
+    times = get_times(sde, 20, grid="dpm", t_min=0.0)
+    x0 = dpm_solver(model, sde, sde.prior_sample((B, d)), times)
 
 Every step is a fixed linear map on the stacked state ``[x, net output, corrected x, x0 history]``,
 so all per-step coefficients are precomputed into one small matrix per step before the loop; the
@@ -45,13 +62,13 @@ from .sde import coef_dtype
 __all__ = ["dpm_solver", "step_weights"]
 
 # registers of the stacked state
-_X, _O, _C, _H1, _H2, _H3 = range(6)
-_R = 6
+_X, _O, _C, _H1, _H2, _H3, _G1, _G2, _G3 = range(9)
+_R = 9
 
 
 def _moments(h: float, n: int) -> list[float]:
-    """I_k(h) = integral_0^1 e^{-h u} u^k du for k = 0 .. n-1, stable for every h >= 0."""
-    if h < 1.0:
+    """I_k(h) = integral_0^1 e^{-h u} u^k du for k = 0 .. n-1, stable for every real h."""
+    if abs(h) < 1.0:
         # series: sum_m (-h)^m / m! / (m + k + 1)
         out = []
         for k in range(n):
@@ -110,6 +127,21 @@ def step_weights(lam_s: float, lam_t: float, alpha_t: float, nodes: list[float])
     return w
 
 
+def eps_step_weights(lam_s: float, lam_t: float, sigma_t: float, nodes: list[float]) -> list[float]:
+    """Noise-prediction form: ``x_t = (alpha_t/alpha_s) x_s + sum_j w_j eps(nodes[j])`` with
+    ``w_j = -sigma_t h integral_0^1 e^{h u} L_j(u) du`` (exact integral of the interpolant)."""
+    h = lam_t - lam_s
+    mom = _moments(-h, len(nodes))
+    us = [(lam_t - lj) / h for lj in nodes]
+    w = []
+    for j, uj in enumerate(us):
+        others = [um for m, um in enumerate(us) if m != j]
+        c = _poly_from_roots(others)
+        denom = math.prod(uj - um for um in others)
+        w.append(-sigma_t * h * sum(ck * mk for ck, mk in zip(c, mom)) / denom)
+    return w
+
+
 def _lu_weights(lam_s: float, lam_t: float, alpha_t: float, nodes: list[float]) -> list[float]:
     """Lu et al.'s published multistep DPM-Solver++ formulas (dpmsolver-type 2M, official 3M)."""
     if len(nodes) == 1 or math.isinf(lam_t):
@@ -146,29 +178,43 @@ def zero_weights(alpha_t: float, nodes: list[float]) -> list[float]:
     return w
 
 
-def _orders(M: int, order: int, lower_order_final: bool | int, final_zero: bool, final_order: int) -> list[int]:
-    """Predictor order of each of the M steps (warm-up, lower-order final steps, sigma = 0 end)."""
+def _orders(
+    M: int, order: int, lower_order_final: bool | int, final_zero: bool, final_order: int
+) -> list[int]:
+    """Predictor order of each of the M steps: warm-up (order <= number of predictions so far), lower
+    order on the last steps that end at sigma > 0, and ``final_order`` for a last step to sigma = 0."""
+    body = M - 1 if final_zero else M  # steps ending at sigma > 0
     if lower_order_final is True:
-        n_final = order - 1
+        n_final = order - 1 if body < 15 else 0
     elif lower_order_final is False:
         n_final = 0
     else:
         n_final = int(lower_order_final)
     out = []
-    for i in range(M):  # step i: t_i -> t_{i+1}, predictions 0..i available
+    for i in range(body):  # step i: t_i -> t_{i+1}, predictions 0..i available
         p = min(order, i + 1)
-        left = M - i  # steps left including this one
+        left = body - i  # steps left including this one
         if left <= n_final:
             p = min(p, left)
-        if final_zero and i == M - 1:
-            p = min(final_order, i + 1)
         out.append(p)
+    if final_zero:
+        out.append(min(final_order, M))
     return out
 
 
 @lru_cache(maxsize=64)
-def _plan(schedule, times: tuple, prediction: str, order: int, lower_order_final, corrector: bool,
-          variant: str, denoise: bool, final_order: int):
+def _plan(
+    schedule,
+    times: tuple,
+    prediction: str,
+    order: int,
+    lower_order_final,
+    corrector: bool,
+    variant: str,
+    denoise: bool,
+    final_order: int,
+    switch: float,
+):
     """The per-step matrices (float64, (M + denoise, R, R)) and bookkeeping for one grid."""
     t = torch.tensor(times, dtype=torch.float64)
     schedule.check_times(t)
@@ -183,7 +229,9 @@ def _plan(schedule, times: tuple, prediction: str, order: int, lower_order_final
             raise ValueError(f"dpm_solver: sigma vanishes at t = {times[i]:g} before the last time")
     final_zero = math.isinf(lam[-1])
     if denoise and final_zero:
-        raise ValueError("dpm_solver: denoise=True needs sigma > 0 at the last time (it already ends at sigma = 0)")
+        raise ValueError(
+            "dpm_solver: denoise=True needs sigma > 0 at the last time (it already ends at sigma = 0)"
+        )
     orders = _orders(M, order, lower_order_final, final_zero, final_order)
     weights = step_weights if variant == "exact" else _lu_weights
 
@@ -205,37 +253,58 @@ def _plan(schedule, times: tuple, prediction: str, order: int, lower_order_final
         # entering step i: X = x_i (just evaluated, output in O), C = corrected x_{i-1},
         # H1..H3 = x0_{i-1}, x0_{i-2}, x0_{i-3}
         u, v = x0_coef(i)
+        unit = [[1.0 if r == k else 0.0 for r in range(_R)] for k in range(_R)]
         d_new = [0.0] * _R
         d_new[_X], d_new[_O] = u, v
-        hist = [d_new] + [[1.0 if r == h else 0.0 for r in range(_R)] for h in (_H1, _H2, _H3)]
-        # corrected current state
-        xc = [1.0 if r == _X else 0.0 for r in range(_R)]
-        if corrector and i >= 1 and i < M:
-            p_prev = orders[i - 1]
-            q = min(p_prev + 1, i + 1, 4)
+        hist = [d_new, unit[_H1], unit[_H2], unit[_H3]]  # x0 predictions at nodes i, i-1, ...
+        xhist = [unit[_X], unit[_G1], unit[_G2], unit[_G3]]  # the states they were evaluated at
+
+        def step(base, s_idx, t_idx, q, i=i, hist=hist, xhist=xhist):
+            """base advanced from t_{s_idx} to t_{t_idx} with the interpolant through the q newest
+            predictions (nodes i, i-1, ...), in x0 form or, past ``switch``, in eps form."""
             nodes = [lam[i - j] for j in range(q)]
-            wc = step_weights(lam[i - 1], lam[i], alpha[i], nodes)
-            a_c = sigma[i] / sigma[i - 1]
-            xc = [a_c * (1.0 if r == _C else 0.0) for r in range(_R)]
+            if lam[t_idx] > switch:
+                w = eps_step_weights(lam[s_idx], lam[t_idx], sigma[t_idx], nodes)
+                a = math.exp(la[t_idx] - la[s_idx])
+                terms = [
+                    [(xh - alpha[i - j] * dh) / sigma[i - j] for xh, dh in zip(xhist[j], hist[j])]
+                    for j in range(q)
+                ]
+            else:
+                w = weights(lam[s_idx], lam[t_idx], alpha[t_idx], nodes)
+                a = sigma[t_idx] / sigma[s_idx]
+                terms = hist[:q]
+            out = [a * c for c in base]
             for j in range(q):
-                xc = [c + wc[j] * hj for c, hj in zip(xc, hist[j])]
+                out = [c + w[j] * tj for c, tj in zip(out, terms[j])]
+            return out
+
+        # corrected current state
+        xc = unit[_X]
+        if corrector and i >= 1 and i < M:
+            q = min(orders[i - 1] + 1, i + 1, 4)
+            xc = step(unit[_C], i - 1, i, q)
         mat = [[0.0] * _R for _ in range(_R)]
         if i < M:
             p = orders[i]
-            nodes = [lam[i - j] for j in range(p)]
             if final_zero and i == M - 1:
-                w = zero_weights(alpha[i + 1], nodes)
+                wz = zero_weights(alpha[i + 1], [lam[i - j] for j in range(p)])
+                xp = [0.0] * _R
+                for j in range(p):
+                    xp = [c + wz[j] * hj for c, hj in zip(xp, hist[j])]
             else:
-                w = weights(lam[i], lam[i + 1], alpha[i + 1], nodes)
-            a_p = sigma[i + 1] / sigma[i] if not final_zero or i < M - 1 else 0.0
-            xp = [a_p * c for c in xc]
-            for j in range(p):
-                xp = [c + w[j] * hj for c, hj in zip(xp, hist[j])]
+                xp = step(xc, i, i + 1, p)
             mat[_X] = xp
-        else:  # denoise: output the data prediction at the last time
-            mat[_X] = d_new
+        else:  # denoise: the data prediction at sigma = 0, extrapolated from the last evaluations
+            q = min(final_order, n_eval)
+            wz = zero_weights(1.0, [lam[i - j] for j in range(q)])
+            xp = [0.0] * _R
+            for j in range(q):
+                xp = [c + wz[j] * hj for c, hj in zip(xp, hist[j])]
+            mat[_X] = xp
         mat[_C] = xc
         mat[_H1], mat[_H2], mat[_H3] = hist[0], hist[1], hist[2]
+        mat[_G1], mat[_G2], mat[_G3] = xhist[0], xhist[1], xhist[2]
         mats.append(mat)
     return torch.tensor(mats, dtype=torch.float64), tuple(orders)
 
@@ -261,7 +330,8 @@ def dpm_solver(
     corrector: bool = True,
     denoise: bool = False,
     variant: str = "exact",
-    final_order: int = 1,
+    final_order: int = 2,
+    switch: float = 0.0,
 ) -> Tensor:
     """Solve the probability-flow ODE from ``times[0]`` to ``times[-1]`` with DPM-Solver++ multistep.
 
@@ -277,11 +347,16 @@ def dpm_solver(
         callback: called after each model evaluation as ``callback({"i", "t", "x", "x0"})``
             (computing ``x0`` for it costs a few tensor ops).
         order: 1 (DDIM), 2 or 3.
-        lower_order_final: reduce the order on the last ``order - 1`` steps (True), on none (False),
+        lower_order_final: reduce the order on the last ``order - 1`` steps ending at sigma > 0 when the
+            grid has fewer than 15 such steps (True, as Lu et al. and diffusers), on none (False),
             or on the last ``k`` steps (an int): step ``k`` from the end uses order at most ``k``.
         corrector: apply the evaluation-free UniC-type corrector (see the module docstring).
         denoise: after the last step evaluate the model once more and return its data prediction.
         variant: ``"exact"`` (exact integral of the interpolant) or ``"lu"`` (the published formulas).
+        final_order: number of data predictions extrapolated to sigma = 0 by a last step that ends
+            there (or by ``denoise``); 1 returns the last prediction as is.
+        switch: half log-SNR past which steps use the noise-prediction form (``math.inf``: never,
+            plain DPM-Solver++).
 
     Returns:
         the state at ``times[-1]`` (or the final data prediction with ``denoise``), in x's dtype.
@@ -291,11 +366,17 @@ def dpm_solver(
         raise ValueError(f"dpm_solver: order must be 1, 2 or 3, got {order!r}")
     if variant not in ("exact", "lu"):
         raise ValueError(f"dpm_solver: variant must be 'exact' or 'lu', got {variant!r}")
-    if not (isinstance(lower_order_final, bool) or (isinstance(lower_order_final, int) and lower_order_final >= 0)):
-        raise ValueError(f"dpm_solver: lower_order_final must be a bool or an int >= 0, got {lower_order_final!r}")
+    if not (
+        isinstance(lower_order_final, bool) or (isinstance(lower_order_final, int) and lower_order_final >= 0)
+    ):
+        raise ValueError(
+            f"dpm_solver: lower_order_final must be a bool or an int >= 0, got {lower_order_final!r}"
+        )
     times = torch.as_tensor(times)
     if times.ndim != 1 or times.numel() < 2:
-        raise ValueError(f"dpm_solver: times must be 1-d with at least 2 entries, got shape {tuple(times.shape)}")
+        raise ValueError(
+            f"dpm_solver: times must be 1-d with at least 2 entries, got shape {tuple(times.shape)}"
+        )
     tlist = tuple(times.detach().to("cpu", torch.float64).tolist())
     if not all(a > b for a, b in zip(tlist, tlist[1:])):
         raise ValueError("dpm_solver: times must be strictly decreasing")
@@ -304,8 +385,18 @@ def dpm_solver(
 
     net = _fast_net(model)
     prediction = model.prediction if net is not None else "x0"
-    mats64, _ = _plan(sde.schedule, tlist, prediction, int(order), lower_order_final, bool(corrector),
-                      variant, bool(denoise), int(final_order))
+    mats64, _ = _plan(
+        sde.schedule,
+        tlist,
+        prediction,
+        int(order),
+        lower_order_final,
+        bool(corrector),
+        variant,
+        bool(denoise),
+        int(final_order),
+        float(switch),
+    )
     cdt = coef_dtype(x)
     dev = x.device
     mats = mats64.to(dev, cdt).unbind(0)
@@ -325,7 +416,9 @@ def dpm_solver(
 
     h1views = [b[_H1].view(x.shape) for b in bufs]
     with torch.no_grad():
-        return _loop(net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t64, tlist, cast, callback)
+        return _loop(
+            net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t64, tlist, cast, callback
+        )
 
 
 def _loop(net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t64, tlist, cast, callback):
@@ -337,5 +430,5 @@ def _loop(net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t
         oviews[cur].copy_(out)
         torch.mm(mats[i], bufs[cur], out=bufs[nxt])
         if callback is not None:  # the new data prediction is register H1 of the next state
-            callback({"i": i, "t": tlist[i], "x": xin, "x0": h1views[nxt].to(x.dtype)})
+            callback({"i": i, "t": tlist[i], "x": xin.clone(), "x0": h1views[nxt].to(x.dtype, copy=True)})
     return xviews[n_eval & 1].to(x.dtype).clone()
