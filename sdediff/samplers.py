@@ -661,7 +661,11 @@ def _default_grid(name: str, sde: SDE) -> str:
 
 def _default_t_min(name: str, grid: str, options: Mapping) -> float | None:
     """Ancestral steps end at t = 0 (the last step returns x0_hat where sigma = 0, as DDPM does), unless
-    the grid needs a finite log-SNR at its end; every other sampler stops at the schedule's default."""
+    the grid needs a finite log-SNR at its end. DPM-Solver++ on its tuned "dpm" grid also runs to t = 0:
+    its last step extrapolates the data predictions to sigma = 0 (benchmarks/results/samplers.md).
+    Every other sampler stops at the schedule's default."""
+    if name == "dpm_solver" and grid == "dpm":
+        return 0.0
     ancestral_like = name == "ancestral" or (name == "pc" and options.get("predictor") == "ancestral")
     return 0.0 if ancestral_like and grid not in ("logsnr", "dpm") else None
 
