@@ -56,7 +56,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .models import Model, as_model
+from .models import as_model, raw_net
 from .sde import coef_dtype
 
 __all__ = ["dpm_solver", "step_weights"]
@@ -309,14 +309,6 @@ def _plan(
     return torch.tensor(mats, dtype=torch.float64), tuple(orders)
 
 
-def _fast_net(model: Model):
-    """The raw network call of a plain :class:`Model` (skipping conversions the plan already folds in),
-    or None when ``predict`` is overridden and must be honoured."""
-    if type(model).predict is Model.predict and type(model).forward is Model.forward:
-        return model._call_net
-    return None
-
-
 def dpm_solver(
     model,
     sde,
@@ -383,7 +375,7 @@ def dpm_solver(
     if not x.is_floating_point():
         raise TypeError(f"dpm_solver: x must be a floating-point tensor, got {x.dtype}")
 
-    net = _fast_net(model)
+    net = raw_net(model)
     prediction = model.prediction if net is not None else "x0"
     mats64, _ = _plan(
         sde.schedule,

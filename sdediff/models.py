@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .sde import SDE, append_dims, coef_dtype
 
-__all__ = ["Model", "as_model", "convert", "PREDICTIONS"]
+__all__ = ["Model", "as_model", "convert", "raw_net", "PREDICTIONS"]
 
 PREDICTIONS = ("eps", "x0", "score", "v")
 
@@ -144,3 +144,12 @@ def as_model(obj) -> Model:
     if isinstance(inner, Model):
         return Model(obj, inner.prediction)
     return Model(obj, "eps")
+
+
+def raw_net(model: Model):
+    """The bare network call ``net(x, t)`` of a plain :class:`Model`, for samplers that fold the
+    prediction-kind conversion into precomputed step coefficients; ``None`` when a subclass overrides
+    ``predict`` or ``forward``, whose behaviour must then be honoured through :meth:`Model.predict`."""
+    if type(model).predict is Model.predict and type(model).forward is Model.forward:
+        return model._call_net
+    return None

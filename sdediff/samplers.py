@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dpm_solver import _fast_net, dpm_solver
-from .models import Model, as_model
+from .dpm_solver import dpm_solver
+from .models import Model, as_model, raw_net
 from .sde import SDE
 from .timegrids import GRIDS, get_times
 
@@ -94,7 +94,7 @@ def _evaluator(model, sde: SDE):
     overrides ``predict``/``forward`` is honoured: it is asked for x0 at float64 times instead.
     """
     model = as_model(model)
-    net = _fast_net(model)
+    net = raw_net(model)
     if net is not None:
         return net, model.prediction, False
     return (lambda x, t: model.x0(x, t, sde)), "x0", True
