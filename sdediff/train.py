@@ -1,0 +1,862 @@
+"""The training loop: plain Python arguments in, a trained model (and its EMA) out.
+
+:func:`train` takes a model, a loss ``loss_fn(model, x) -> per-sample or scalar loss`` and the data,
+and runs AdamW with linear warm-up, gradient-norm clipping and an exponential moving average of the
+weights. It knows nothing of hydra; ``sdediff.cli.train`` builds its arguments from a config.
+
+* **Devices and precision**: ``device="auto"`` takes the GPU of this process (``LOCAL_RANK``) when
+  there is one. ``precision="auto"`` trains in bf16 autocast on GPUs that support it and in fp32
+  elsewhere; ``channels_last="auto"`` uses that memory format for image models on GPU.
+  ``compile=True`` runs the network through ``torch.compile``.
+* **Data order and noise** come from the run's own generators, not the global RNG: the batches of
+  epoch ``e`` are a permutation seeded by ``(seed, e)`` (so the data position is just the step), and
+  the loss draws its noise from a generator passed as ``generator=`` when it accepts one. On CPU
+  the loop runs with ``torch.use_deterministic_algorithms(True)``.
+* **Multi-process**: launched by ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` in the
+  environment) it joins the process group (nccl on GPU, gloo on CPU), wraps the network in
+  ``DistributedDataParallel`` and gives every rank its slice of each global batch; ``batch_size`` is
+  the global batch, so a run gives the same updates on any number of processes. Only rank 0 writes.
+* **Outputs** (with ``out_dir``): ``metrics.csv`` always, tensorboard scalars when tensorboard is
+  installed, and checkpoints (see :mod:`sdediff.checkpoint`) every ``ckpt_every`` steps and at the
+  end. ``resume=True`` continues the newest checkpoint of ``out_dir`` exactly: on CPU the loss
+  sequence and the weights are bitwise those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import inspect
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError
+from .data import ArrayDataset, uint8_to_float
+from .models import Model
+
+__all__ = ["ConfigError", "TrainingError", "TrainResult", "EMA", "Batches", "train", "validate", "dist_env"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+LR_DECAYS = ("none", "cosine", "linear")
+_METRICS = ("step", "epoch", "lr", "loss", "grad_norm", "steps_per_s", "samples_per_s", "elapsed_s")
+
+
+class ConfigError(ValueError):
+    """A bad training argument or data set, reported before any training work."""
+
+
+class TrainingError(RuntimeError):
+    """Training went wrong (e.g. the loss became NaN)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+def _number(name: str, value: Any, *, lo: float | None = None, lo_open: bool = False, hi=None, hi_open=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi:g}, got {value!r}")
+    return v
+
+
+def _integer(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value!r}")
+    return int(value)
+
+
+def validate(
+    *,
+    steps,
+    batch_size,
+    lr,
+    warmup=0,
+    lr_decay="none",
+    grad_clip=None,
+    ema_decay=None,
+    weight_decay=0.0,
+    precision="auto",
+    log_every=100,
+    ckpt_every=0,
+    world_size=1,
+) -> None:
+    """Check the training arguments; raise one :class:`ConfigError` for the first bad one."""
+    _integer("train.steps", steps, 1)
+    _integer("train.batch_size", batch_size, 1)
+    _number("train.lr", lr, lo=0.0, lo_open=True)
+    _integer("train.warmup", warmup, 0)
+    if lr_decay not in LR_DECAYS:
+        raise ConfigError(f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
+    if grad_clip is not None:
+        _number("train.grad_clip", grad_clip, lo=0.0, lo_open=True)
+    if ema_decay is not None:
+        _number("train.ema_decay", ema_decay, lo=0.0, hi=1.0, hi_open=True)
+    _number("train.weight_decay", weight_decay, lo=0.0)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _integer("train.log_every", log_every, 1)
+    _integer("train.ckpt_every", ckpt_every, 0)
+    if batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={batch_size} (the global batch) must be divisible by the number of "
+            f"processes ({world_size})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed helpers
+# ------------------------------------------------------------------------------------------------
+def dist_env() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from torchrun's environment variables (1, 0, 0 without)."""
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A fixed 63-bit hash of integers (splitmix64), for seeding per-epoch / per-rank generators."""
+    h = 0
+    for v in values:
+        x = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h = x ^ (x >> 31)
+    return h >> 1
+
+
+class Batches:
+    """Seeded, shardable, stateless batches of a map-style data set.
+
+    Epoch ``e`` visits the items in ``randperm(N)`` seeded by ``(seed, e)``, in ``N // batch_size``
+    global batches (the remainder is dropped); rank ``r`` of ``world_size`` gets items
+    ``[r * b, (r + 1) * b)`` of each global batch (``b = batch_size // world_size``). Batch ``k`` of
+    the run is a pure function of ``k``, so resuming at step ``k`` needs no other state.
+
+    ``data`` is a tensor ``(N, ...)``, a :class:`sdediff.data.ArrayDataset` (gathered in bulk, with its
+    seeded flips, and kept on the GPU when training there) or any dataset with ``__len__`` and
+    ``__getitem__`` returning ``x`` or ``(x, label)``.
+    """
+
+    def __init__(
+        self, data, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, device=None
+    ):
+        self.data, self.device = data, torch.device(device or "cpu")
+        self.n = len(data)
+        if batch_size > self.n:
+            raise ConfigError(
+                f"train.batch_size={batch_size} is larger than the data set ({self.n} items); lower it"
+            )
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.local = batch_size // world_size
+        self.per_epoch = self.n // batch_size
+        self._epoch, self._perm = -1, None
+        self._array = isinstance(data, ArrayDataset)
+        self._store = None
+        if isinstance(data, Tensor):
+            self._store = data.to(self.device) if data.nbytes < 2**31 else data
+        elif self._array:
+            self._store = data.data.to(self.device) if data.data.nbytes < 2**31 else data.data
+
+    def check_finite(self) -> None:
+        """Raise :class:`ConfigError` when floating-point data holds NaN or inf."""
+        store = self._store
+        if store is None or not torch.is_floating_point(store):
+            return
+        bad = ~torch.isfinite(store.reshape(self.n, -1)).all(1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ConfigError(
+                f"the training data contains NaN or inf values ({int(bad.sum())} of {self.n} items, "
+                f"first at index {i}); clean the data"
+            )
+
+    def check_8bit(self) -> None:
+        """Raise :class:`ConfigError` unless the data are 8-bit values ``k / 127.5 - 1``."""
+        store = self._store
+        if store is None or store.dtype == torch.uint8:
+            return
+        k = (store.double() + 1) * 127.5
+        if not bool(((k - k.round()).abs() < 1e-3).all() and (k > -0.5).all() and (k < 255.5).all()):
+            raise ConfigError(
+                "train.dequantize=true needs 8-bit data on the lattice k / 127.5 - 1 (k = 0..255), and this "
+                "data set is not; set train.dequantize=false"
+            )
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def indices(self, step: int) -> Tensor:
+        """The data indices of this rank's part of global batch ``step`` (0-based)."""
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:  # once per epoch: the order, and the dataset's flips, where the data lives
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            where = self._store.device if self._store is not None else "cpu"
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).to(where), epoch
+            if self._array and self.data.hflip:
+                self.data.set_epoch(epoch)
+                self._flips = torch.tensor([self.data.flipped(i) for i in range(self.n)]).to(where)
+        start = k * self.batch_size + self.rank * self.local
+        return self._perm[start : start + self.local]
+
+    def get(self, step: int) -> Tensor:
+        """This rank's batch for (0-based) step ``step``, on the device."""
+        idx = self.indices(step)
+        if self._store is not None:  # a gather where the data lives: no per-item Python, no host sync
+            x = self._store[idx]
+            if self._array:
+                if self.data.hflip:
+                    x = torch.where(self._flips[idx].view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+                x = uint8_to_float(x, self.data.dtype) if x.dtype == torch.uint8 else x.to(self.data.dtype)
+        else:
+            items = [self.data[int(i)] for i in idx.tolist()]
+            x = torch.stack([it[0] if isinstance(it, tuple | list) else it for it in items])
+        return x.to(self.device, non_blocking=True)
+
+
+class _IterBatches:
+    """Batches from a plain iterable (no seeded order: resuming skips the batches already seen)."""
+
+    def __init__(self, data: Iterable, device):
+        self.data, self.device, self.per_epoch = data, torch.device(device), None
+        self._it, self._next = None, 0
+
+    def check_finite(self) -> None:
+        pass
+
+    def epoch_of(self, step: int) -> int:
+        return 0
+
+    def get(self, step: int) -> Tensor:
+        if self._it is None:
+            self._it = iter(self.data)
+        while self._next <= step:
+            try:
+                self._item = next(self._it)
+            except StopIteration:
+                self._it = iter(self.data)
+                self._item = next(self._it)
+            self._next += 1
+        x = self._item[0] if isinstance(self._item, tuple | list) else self._item
+        return torch.as_tensor(x).to(self.device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA
+# ------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers.
+
+    The averaged copy is ``ema.module`` (eval mode, no gradients). With ``warmup=True`` the decay of
+    update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so short runs are not dominated by the
+    initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._src = [p for p in model.parameters()]
+        self._dst = [p for p in self.module.parameters()]
+
+    def rate(self, updates: int) -> float:
+        return min(self.decay, (1 + updates) / (10 + updates)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, updates: int) -> None:
+        """Blend in ``model``'s current weights (``updates`` = number of earlier updates)."""
+        w = 1.0 - self.rate(updates)
+        torch._foreach_lerp_(self._dst, [p.detach() for p in self._src], w)
+        for b_dst, b_src in zip(self.module.buffers(), model.buffers()):
+            b_dst.copy_(b_src)
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+def _wrap_net(model: nn.Module, fn: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Apply ``fn`` (DDP, torch.compile) to the network inside a :class:`Model`, keeping the wrapper
+    (so losses still ask it for eps / x0 / v), or to the module itself."""
+    if isinstance(model, Model) and "net" in model._modules:
+        return Model(fn(model.net), model.prediction)
+    return fn(model)
+
+
+def _dequantize(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``k / 127.5 - 1 -> 2 (k + u) / 256 - 1`` with ``u ~ U[0, 1)`` (no checks: no host sync)."""
+    k = torch.round((x.float() + 1) * 127.5)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return ((k + u) * (2.0 / 256.0) - 1.0).to(x.dtype)
+
+
+def _lr_at(step: int, lr: float, warmup: int, decay: str, steps: int) -> float:
+    """Learning rate of (0-based) step ``step``: linear warm-up, then constant or decaying to 0."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "none" or steps <= warmup:
+        return lr
+    frac = (step - warmup) / (steps - warmup)
+    return lr * (0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1 - frac)
+
+
+def _accepts_generator(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _is_image_model(data_shape: tuple[int, ...]) -> bool:
+    return len(data_shape) == 3
+
+
+class _MetricsLog:
+    """metrics.csv (always) and tensorboard scalars (when tensorboard is installed)."""
+
+    def __init__(self, out_dir: Path, start_step: int, use_tensorboard: bool):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.csv"
+        keep = []
+        if self.path.exists() and start_step > 0:  # drop rows an interrupted run logged past its checkpoint
+            with open(self.path, newline="") as fh:
+                keep = [
+                    r
+                    for r in csv.DictReader(fh)
+                    if r.get("step", "").isdigit() and int(r["step"]) <= start_step
+                ]
+        tmp = self.path.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=_METRICS)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in _METRICS} for r in keep)
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._w = csv.DictWriter(self._fh, fieldnames=_METRICS)
+        self._tb = None
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step + 1)
+            except ImportError:
+                self._tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._w.writerow(row)
+        self._fh.flush()
+        if self._tb is not None:
+            for k in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s"):
+                if row.get(k) not in ("", None):
+                    self._tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: nn.Module  #: the trained model (its parameters were updated in place)
+    ema: nn.Module | None  #: the EMA copy (None when ema_decay is None)
+    step: int  #: the last step done (= steps)
+    start_step: int  #: the step this call started from (> 0 when resumed)
+    losses: Tensor  #: the loss of every step of this call (averaged over processes), steps start_step+1..step
+    grad_norms: Tensor  #: the gradient norm before clipping, per step (empty without clipping)
+    elapsed_s: float
+    samples_per_s: float  #: training throughput of this call (global samples per second)
+    checkpoint: Path | None = None  #: the last checkpoint written
+    out_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The EMA model when there is one, else the trained model."""
+        return self.ema if self.ema is not None else self.model
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    data,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float = 2e-4,
+    warmup: int = 0,
+    lr_decay: str = "none",
+    grad_clip: float | None = 1.0,
+    ema_decay: float | None = 0.999,
+    ema_warmup: bool = True,
+    dequantize: bool = False,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    compile: bool = False,
+    deterministic: bool | None = None,
+    log_every: int = 100,
+    ckpt_every: int = 0,
+    keep_checkpoints: int | None = 3,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    progress: bool = True,
+    tensorboard: bool = True,
+    config: dict | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``loss_fn`` for ``steps`` optimizer steps (in total, counting resumed ones).
+
+    Args:
+        model: an ``nn.Module`` (e.g. a :class:`sdediff.Model`); moved to the device and trained in place.
+        loss_fn: ``loss_fn(model, x)`` (plus ``generator=`` when it accepts one) returning per-sample
+            losses ``(B,)`` (averaged) or a scalar.
+        data: a tensor ``(N, ...)``, a map-style dataset (items ``x`` or ``(x, label)``), or any
+            iterable of batches (then without a seeded order or sharding).
+        steps: total number of optimizer steps. batch_size: the global batch size.
+        lr, warmup, betas, weight_decay: AdamW with the learning rate ramped linearly over ``warmup`` steps.
+        lr_decay: after warm-up keep ``lr`` (``"none"``) or decay it to 0 at ``steps`` (``"cosine"``,
+            ``"linear"``).
+        grad_clip: clip the global gradient norm to this value (``None``: no clipping).
+        ema_decay, ema_warmup: see :class:`EMA` (``None``: no EMA).
+        dequantize: the data are 8-bit values on the lattice ``k / 127.5 - 1``; every batch is replaced by
+            ``2 (k + u) / 256 - 1``, ``u ~ U[0, 1)`` from the noise generator: uniform dequantization, the
+            convention of :func:`sdediff.likelihood.bits_per_dim`, so the model learns the density that
+            bits/dim evaluates.
+        seed: seeds the data order, the loss noise generator and the global RNG (offset by rank).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...; precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
+        channels_last: ``"auto"`` (image models on GPU), True or False. compile: ``torch.compile`` the net.
+        deterministic: ``torch.use_deterministic_algorithms`` during training (default: on CPU only).
+        log_every: steps between log rows (the only host syncs of the loop).
+        ckpt_every: steps between checkpoints (0: only at the end); needs ``out_dir``.
+        keep_checkpoints: how many checkpoints to keep (``None``: all).
+        out_dir: where metrics.csv, tb/ and checkpoints/ go (``None``: write nothing).
+        resume: ``False`` (a fresh run; refuses an ``out_dir`` that already holds checkpoints),
+            ``True`` (the newest checkpoint in ``out_dir``) or a checkpoint path.
+        config: JSON-able description of the run stored in checkpoints; its ``"model"`` entry must
+            match on resume.
+        callback: ``callback(step, info)`` after every step (``info``: ``loss`` tensor, ``lr``, ...).
+
+    Raises:
+        ConfigError / CheckpointError: before any training work, for bad arguments, data or checkpoints.
+        TrainingError: when the loss becomes NaN or inf.
+    """
+    world, rank, local_rank = dist_env()
+    validate(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        lr_decay=lr_decay,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        weight_decay=weight_decay,
+        precision=precision,
+        log_every=log_every,
+        ckpt_every=ckpt_every,
+        world_size=world,
+    )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    dev = _resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if deterministic is None:
+        deterministic = dev.type == "cpu"
+
+    # -- data ----------------------------------------------------------------------------------------
+    if isinstance(data, Tensor) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        batches: Batches | _IterBatches = Batches(
+            data, batch_size, seed=seed, rank=rank, world_size=world, device=dev
+        )
+    elif isinstance(data, Iterable):
+        batches = _IterBatches(data, dev)
+    else:
+        raise ConfigError(
+            f"data must be a tensor, a dataset or an iterable of batches, got {type(data).__name__}"
+        )
+    batches.check_finite()
+    if dequantize:
+        batches.check_8bit()
+
+    # -- output directory and checkpoint to resume ----------------------------------------------------
+    out = Path(out_dir) if out_dir is not None else None
+    loaded = None
+    if resume not in (False, None):
+        if resume is True:
+            if out is None:
+                raise ConfigError("train.resume=true needs an out_dir to find the checkpoint in")
+            latest = ckpt.latest_checkpoint(out)
+            if latest is None:
+                raise CheckpointError(f"train.resume=true but {ckpt.checkpoint_dir(out)} holds no checkpoint")
+            resume = latest
+        loaded = ckpt.load_checkpoint(resume)
+    elif out is not None and ckpt.find_checkpoints(out):
+        raise ConfigError(
+            f"{ckpt.checkpoint_dir(out)} already holds checkpoints of another run; pass resume=true to "
+            "continue it or choose a new output directory"
+        )
+    if ckpt_every and out is None:
+        raise ConfigError("train.ckpt_every > 0 needs an output directory")
+
+    # -- model, EMA, optimizer -------------------------------------------------------------------------
+    shape = tuple(batches.get(0).shape[1:])
+    if channels_last == "auto":
+        channels_last = dev.type == "cuda" and _is_image_model(shape)
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device=dev, memory_format=fmt)
+    ema = EMA(model, ema_decay, ema_warmup) if ema_decay is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    opt_kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **opt_kw)
+
+    run_args = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "world_size": world,
+        "steps": steps,
+        "lr": lr,
+        "item_shape": list(shape),
+    }
+    noise = torch.Generator(device=dev).manual_seed(_mix(seed, rank, 1))
+    torch.manual_seed(_mix(seed, rank, 2))
+    start = 0
+    if loaded is not None:
+        start = _restore(loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world)
+        if start >= steps and rank == 0:
+            msg = f"checkpoint {loaded[1]['path']} is at step {start} >= steps={steps}; nothing to do"
+            warnings.warn(msg, stacklevel=2)
+
+    # -- process group and wrappers --------------------------------------------------------------------
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        own_group = True
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        net = _wrap_net(net, lambda m: DDP(m, device_ids=ids, gradient_as_bucket_view=True))
+    if compile:
+        net = _wrap_net(net, torch.compile)
+    use_gen = _accepts_generator(loss_fn)
+    autocast = (
+        torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+
+    writer = _MetricsLog(out, start, tensorboard) if (out is not None and rank == 0) else None
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=steps,
+            initial=start,
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            desc="train",
+            leave=True,
+        )
+
+    def save(step: int) -> Path | None:
+        if out is None:
+            return None
+        rng = [_rng_states(noise, dev)]
+        if world > 1:  # every rank's generators, so that each continues its own stream
+            rng = [None] * world
+            dist.all_gather_object(rng, _rng_states(noise, dev))
+        if rank != 0:
+            return None
+        return _save(out, step, model, ema, opt, rng, batches, loss_fn, config, keep_checkpoints, run_args)
+
+    losses: list[Tensor] = []
+    gnorms: list[Tensor] = []
+    pending: list[Tensor] = []
+    pending_g: list[Tensor] = []
+    last_ckpt: Path | None = None
+    t0 = t_log = time.perf_counter()
+    step_log = start
+    det_before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        model.train()
+        for step in range(start, steps):
+            cur_lr = _lr_at(step, lr, warmup, lr_decay, steps)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            x = batches.get(step)
+            if dequantize:
+                x = _dequantize(x, noise)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = loss_fn(net, x, generator=noise) if use_gen else loss_fn(net, x)
+            if loss.dtype in (torch.float16, torch.bfloat16):
+                loss = loss.float()
+            if loss.ndim:
+                loss = loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                pending_g.append(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True).detach())
+            opt.step()
+            if ema is not None:
+                ema.update(model, step)
+            pending.append(loss.detach())
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(done, {"loss": loss.detach(), "lr": cur_lr, "model": model, "ema": ema})
+            if done % log_every == 0 or done == steps:
+                chunk = torch.stack(pending)
+                if world > 1:
+                    dist.all_reduce(chunk, op=dist.ReduceOp.SUM)
+                    chunk /= world
+                chunk = chunk.cpu()
+                gchunk = torch.stack(pending_g).cpu() if pending_g else torch.empty(0)
+                losses.append(chunk)
+                gnorms.append(gchunk)
+                pending.clear()
+                pending_g.clear()
+                if not bool(torch.isfinite(chunk).all()):
+                    i = int((~torch.isfinite(chunk)).nonzero()[0, 0])
+                    raise TrainingError(
+                        f"the loss became {float(chunk[i])} at step {done - len(chunk) + 1 + i}; lower "
+                        "train.lr, set train.grad_clip or check the data"
+                    )
+                now = time.perf_counter()
+                rate = (done - step_log) / max(now - t_log, 1e-9)
+                row = {
+                    "step": done,
+                    "epoch": batches.epoch_of(step),
+                    "lr": cur_lr,
+                    "loss": float(chunk.double().mean()),
+                    "grad_norm": float(gchunk.double().mean()) if len(gchunk) else "",
+                    "steps_per_s": round(rate, 3),
+                    "samples_per_s": round(rate * batch_size, 1),
+                    "elapsed_s": round(now - t0, 2),
+                }
+                t_log, step_log = now, done
+                if writer is not None:
+                    writer.write(row)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.0f}", refresh=False
+                    )
+            if ckpt_every and done % ckpt_every == 0 and done != steps:
+                last_ckpt = save(done) or last_ckpt
+                if world > 1:
+                    dist.barrier()
+        if start < steps:
+            last_ckpt = save(steps) or last_ckpt
+        if world > 1:
+            dist.barrier()
+    finally:
+        torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if own_group:
+            dist.destroy_process_group()
+    elapsed = time.perf_counter() - t0
+    n = steps - start
+    return TrainResult(
+        model=model,
+        ema=ema.module if ema is not None else None,
+        step=max(steps, start),
+        start_step=start,
+        losses=torch.cat(losses) if losses else torch.empty(0),
+        grad_norms=torch.cat(gnorms) if gnorms else torch.empty(0),
+        elapsed_s=elapsed,
+        samples_per_s=n * batch_size / elapsed if n > 0 else 0.0,
+        checkpoint=last_ckpt,
+        out_dir=out,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint assembly
+# ------------------------------------------------------------------------------------------------
+def _rng_states(noise: torch.Generator, dev: torch.device) -> dict[str, Any]:
+    """This process's RNG states (the loss-noise generator, torch's CPU and own-GPU generators) as text."""
+    states = {
+        "torch_cpu": ckpt.encode_bytes(torch.get_rng_state()),
+        "noise": ckpt.encode_bytes(noise.get_state()),
+    }
+    if dev.type == "cuda":
+        states["torch_cuda"] = ckpt.encode_bytes(torch.cuda.get_rng_state(dev))
+    return states
+
+
+def _loss_state(loss_fn) -> dict[str, Tensor]:
+    """The tensors of a stateful loss (e.g. the importance sampler's history of a DiffusionLoss)."""
+    state = loss_fn.state_dict() if callable(getattr(loss_fn, "state_dict", None)) else {}
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _save(out: Path, step, model, ema, opt, rng, batches, loss_fn, config, keep, train_args) -> Path:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"loss.{k}": v for k, v in _loss_state(loss_fn).items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.module.state_dict().items()})
+    opt_tensors, opt_meta = ckpt.flatten_optimizer(opt.state_dict())
+    tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+    per_epoch = getattr(batches, "per_epoch", None)
+    meta = {
+        "config": config,
+        "train": train_args,
+        "optimizer": opt_meta,
+        "ema": {"updates": step} if ema is not None else None,
+        "rng": {"ranks": rng},
+        "data": {
+            "position": step,
+            "epoch": step // per_epoch if per_epoch else None,
+            "batch_in_epoch": step % per_epoch if per_epoch else None,
+            "batches_per_epoch": per_epoch,
+        },
+        "torch_version": torch.__version__,
+    }
+    return ckpt.save_checkpoint(ckpt.checkpoint_dir(out), step, tensors, meta, keep=keep)
+
+
+def _config_diff(a: Any, b: Any, path: str = "model") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{path}.{k} is {'missing' if k not in a else 'absent'} in the checkpoint"
+            d = _config_diff(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{path}: checkpoint has {a!r}, this run {b!r}"
+    return None
+
+
+def _restore(loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world) -> int:
+    """Check a loaded checkpoint against this run and load it; returns its step."""
+    tensors, meta = loaded
+    path = meta["path"]
+    old_cfg, new_cfg = meta.get("config") or {}, config or {}
+    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "model" in old_cfg and "model" in new_cfg:
+        diff = _config_diff(old_cfg["model"], new_cfg["model"])
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was written for a different model config ({diff})")
+    ckpt.check_state_dict(model, ckpt.prefixed(tensors, "model"), "model", path)
+    ema_t = ckpt.prefixed(tensors, "ema")
+    if ema is not None:
+        if not ema_t:
+            raise CheckpointError(f"checkpoint {path} holds no EMA weights but this run keeps an EMA")
+        ckpt.check_state_dict(ema.module, ema_t, "ema", path)
+    try:
+        opt_sd = ckpt.unflatten_optimizer(ckpt.prefixed(tensors, "optim"), meta["optimizer"])
+        if len(opt_sd["param_groups"]) != len(opt.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(opt_sd["param_groups"], opt.param_groups)
+        ):
+            raise CheckpointError(f"checkpoint {path}: its optimizer state covers other parameters")
+        for pid, st in opt_sd["state"].items():
+            p = opt.param_groups[0]["params"][pid] if len(opt.param_groups) == 1 else None
+            for name in ("exp_avg", "exp_avg_sq"):
+                if p is not None and name in st and st[name].shape != p.shape:
+                    raise CheckpointError(
+                        f"checkpoint {path}: optimizer state {pid}.{name} has the wrong shape"
+                    )
+        step = int(meta["step"])
+        ranks = meta["rng"]["ranks"]
+        rng = ranks[rank] if len(ranks) == world else None
+        if rng is not None:
+            cpu_state = ckpt.decode_bytes(rng["torch_cpu"])
+            noise_state = ckpt.decode_bytes(rng["noise"])
+            torch.Generator().set_state(cpu_state)  # validates before anything is loaded
+            torch.Generator(device=noise.device).set_state(noise_state)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e})"
+        ) from None
+    loss_t = ckpt.prefixed(tensors, "loss")
+    if set(loss_t) != set(_loss_state(loss_fn)):
+        raise CheckpointError(
+            f"checkpoint {path}: the loss state it holds ({sorted(loss_t) or 'none'}) does not fit this "
+            f"run's loss ({sorted(_loss_state(loss_fn)) or 'none'}); it was written with another loss config"
+        )
+    train_args = meta.get("train") or {}
+    # all checks passed: load
+    if loss_t:
+        try:
+            loss_fn.load_state_dict(loss_t)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: cannot restore the loss state ({e})") from None
+    model.load_state_dict(ckpt.prefixed(tensors, "model"))
+    if ema is not None:
+        ema.module.load_state_dict(ema_t)
+    opt.load_state_dict(opt_sd)
+    for key in ("batch_size", "seed", "world_size"):
+        if key in train_args and train_args[key] != run_args[key]:
+            warnings.warn(
+                f"resuming {path} with {key}={run_args[key]} (it was {train_args[key]}): the run will not "
+                "repeat an uninterrupted one exactly",
+                stacklevel=3,
+            )
+    if rng is None:  # another number of processes: fresh streams, distinct from the ones before
+        noise.manual_seed(_mix(run_args["seed"], rank, 1, step))
+        torch.manual_seed(_mix(run_args["seed"], rank, 2, step))
+        return step
+    noise.set_state(noise_state)
+    torch.set_rng_state(cpu_state)
+    if "torch_cuda" in rng and dev.type == "cuda":
+        torch.cuda.set_rng_state(ckpt.decode_bytes(rng["torch_cuda"]), dev)
+    return step
