@@ -8,6 +8,7 @@ One import gives the public API::
 """
 
 from . import data, nets, oracle, timegrids
+from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .likelihood import (
     bits_per_dim,
     continuous_elbo,
@@ -23,10 +24,18 @@ from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
 from .timegrids import get_times
+from .train import ConfigError, TrainingError, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "TrainResult",
+    "TrainingError",
+    "load_checkpoint",
+    "load_model_weights",
+    "train",
     "MLP",
     "PREDICTIONS",
     "SAMPLERS",

@@ -1,6 +1,6 @@
 """``sdediff-train``: train a diffusion model from a hydra config, then report on it.
 
-    sdediff-train                                 # experiment=toy2d: 2-D checkerboard on CPU, ~1-2 minutes
+    sdediff-train                                 # experiment=toy2d: eight 2-D Gaussians, CPU, ~1.5 min
     sdediff-train experiment=digits               # 8x8 digits, test bits/dim vs a Gaussian mixture
     sdediff-train experiment=cifar10 data.root=/data/cifar-10-batches-py    # GPU; torchrun for several
     sdediff-train train.steps=50 train.batch_size=64 sde=vp_cosine loss=elbo  # any override
@@ -15,6 +15,7 @@ a run. Bad values stop the run before training with one line on stderr and exit 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -33,19 +34,6 @@ from ._common import build, clean_errors, config_dir, output_dir, to_plain, trai
 PROG = "sdediff-train"
 LIKELIHOODS = (None, "nll", "bpd")
 BASELINES = (None, "gaussian", "gmm")
-_VALIDATED = (
-    "steps",
-    "batch_size",
-    "lr",
-    "warmup",
-    "lr_decay",
-    "grad_clip",
-    "ema_decay",
-    "weight_decay",
-    "precision",
-    "log_every",
-    "ckpt_every",
-)
 
 
 def _check_eval(ev: DictConfig) -> None:
@@ -154,7 +142,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     world, rank, _ = dist_env()
     log = print if rank == 0 else (lambda *a, **k: None)
     kwargs = train_kwargs(cfg.train)
-    validate(**{k: kwargs[k] for k in _VALIDATED if k in kwargs}, world_size=world)
+    checked = inspect.signature(validate).parameters
+    validate(**{k: v for k, v in kwargs.items() if k in checked}, world_size=world)
     _check_eval(cfg.eval)
     out = output_dir(cfg)
     objs = build(cfg)
