@@ -24,7 +24,7 @@ from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
 from .timegrids import get_times
-from .train import ConfigError, TrainingError, TrainResult, train
+from .train import ConfigError, TrainingError, TrainResult
 
 __version__ = "0.1.0"
 
@@ -35,7 +35,6 @@ __all__ = [
     "TrainingError",
     "load_checkpoint",
     "load_model_weights",
-    "train",
     "MLP",
     "PREDICTIONS",
     "SAMPLERS",
