@@ -52,6 +52,11 @@ def save_points_figure(data: Tensor | None, samples: Tensor, path: Path, title: 
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
+    return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path: Path, title: str) -> Path:
+    """Title, lay out, write and close a figure."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -87,12 +92,7 @@ def save_image_figure(data: Tensor | None, samples: Tensor, path: Path, title: s
         )
         ax.set_title(f"{name} ({len(imgs)})")
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def save_samples(samples: Tensor, data: Tensor | None, out_dir: Path, title: str = "") -> dict[str, str]:
