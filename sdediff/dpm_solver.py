@@ -394,7 +394,9 @@ def dpm_solver(
     mats = mats64.to(dev, cdt).unbind(0)
     n_eval = len(mats)
     B = x.shape[0]
-    tb = torch.tensor(tlist, dtype=cdt, device=dev).unsqueeze(1).expand(-1, B).unbind(0)
+    f64 = net is None or getattr(model, "_float64_times", False)
+    tb = torch.tensor(tlist, dtype=torch.float64 if f64 else cdt, device=dev).unsqueeze(1).expand(-1, B)
+    tb = tb.unbind(0)
     t64 = torch.tensor(tlist, dtype=torch.float64, device=dev).unsqueeze(1).expand(-1, B).unbind(0)
 
     # two stacked states (ping-pong) of R rows, each row one flattened copy of x

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .dpm_solver import dpm_solver
 from .models import Model, as_model, raw_net
-from .sde import SDE
+from .sde import SDE, coef_dtype
 from .timegrids import GRIDS, get_times
 
 __all__ = [
@@ -96,13 +96,15 @@ def _evaluator(model, sde: SDE):
     model = as_model(model)
     net = raw_net(model)
     if net is not None:
-        return net, model.prediction, False
+        return net, model.prediction, getattr(model, "_float64_times", False)
     return (lambda x, t: model.x0(x, t, sde)), "x0", True
 
 
 def _time_batches(times: Tensor, x: Tensor, float64: bool = False) -> list[Tensor]:
-    """One ``(B,)`` time tensor per grid time, on x's device (built once, before the loop)."""
-    dtype = torch.float64 if float64 else x.dtype
+    """One ``(B,)`` time tensor per grid time, on x's device (built once, before the loop): float64 for
+    a model that does its own schedule math on them, else x's dtype (float32 for bfloat16/half states:
+    a grid time is never rounded to 8 bits of mantissa)."""
+    dtype = torch.float64 if float64 else coef_dtype(x)
     tv = torch.as_tensor(times).to(device=x.device, dtype=dtype)
     return list(tv.unsqueeze(1).expand(-1, x.shape[0]).unbind(0))
 
@@ -291,7 +293,7 @@ def _denoise(net, kind: str, sde: SDE, x: Tensor, t_min: float, float64: bool) -
         return x / float(tab["alpha"][0])
     p, q = _affine(kind, tab["alpha"], tab["sigma"], "x0")
     out = net(
-        x, torch.full((x.shape[0],), t_min, device=x.device, dtype=torch.float64 if float64 else x.dtype)
+        x, torch.full((x.shape[0],), t_min, device=x.device, dtype=torch.float64 if float64 else coef_dtype(x))
     )
     return torch.add(x * float(p), out, alpha=float(q))
 
@@ -523,7 +525,7 @@ def via_torchsde(
     else:
         ts = torch.tensor([0.0, u[-1]], dtype=torch.float64)
         y = torchsde.sdeint(adapter, y, ts, bm=bm, method=method, dt=float(dt))[-1]
-    x = y.reshape(x.shape)
+    x = y.reshape(x.shape).to(x.dtype)
     return _denoise(net, kind, sde, x, float(times[-1]), f64) if denoise else x
 
 
@@ -791,9 +793,10 @@ def sample(
     times = get_times(sde, steps, grid=grid, t_min=t_min)
 
     # -- run ------------------------------------------------------------------------------------------
-    net, kind, _ = _evaluator(model, sde)
+    net, kind, f64 = _evaluator(model, sde)
     counter = _Counter(net)
     counted = Model(counter, kind)
+    counted._float64_times = f64  # a model doing its own schedule math keeps its float64 times
     if x_T is None:
         x_T = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
     bar = None

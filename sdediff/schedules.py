@@ -13,6 +13,14 @@ All arithmetic is done in float64 whatever the dtype of ``t`` (low-precision sch
 source of divisions by zero), and every method accepts Python numbers or tensors of any shape.
 Times outside ``[0, T]`` raise ``ValueError`` when they can be checked without a device sync (Python
 numbers and CPU tensors); entry points such as :func:`sdediff.sample` check GPU times once up front.
+Times within the rounding of their own dtype of an end (a bfloat16 ``0.9946`` is ``0.99609375``) are
+taken as that end: every time is clamped into ``[0, T]`` before any closed form sees it.
+
+Each closed form is computed on one op path (no mix of ``math`` and ``torch`` evaluations of the same
+function, whose last bits differ between CPUs), and what is exact by construction is exact in floating
+point too: ``log_alpha <= 0`` and ``log_alpha(0) = 0`` for the VP schedules, hence ``sigma(0) = 0``
+exactly for VP, sub-VP and DDPM. At such a point ``log_snr = +inf`` and ``dlog_snr_dt = -inf``
+(documented limits, never NaN); everything else is finite on ``[0, T]``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,13 @@ from torch import Tensor
 __all__ = ["Schedule", "LinearVP", "CosineVP", "SubVP", "VE", "DiscreteVP"]
 
 _TIME_TOL = 1e-9
+
+
+def _time_tol(dtype: torch.dtype, T: float) -> float:
+    """How far outside ``[0, T]`` a time of ``dtype`` may lie and still be taken as the end (rounding)."""
+    if dtype.is_floating_point and dtype != torch.float64:
+        return max(_TIME_TOL, 2.0 * torch.finfo(dtype).eps * max(T, 1.0))
+    return _TIME_TOL
 
 
 def _finite(name: str, value: float, cls: str) -> float:
@@ -67,25 +82,34 @@ class Schedule:
     def _g2(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _la(self, t: Tensor) -> Tensor:
+        """log alpha, clamped to <= 0: alpha(0) = 1 and alpha never grows in this library, so the clamp
+        only removes a last-bit excess that would make ``1 - alpha^2`` negative (sigma NaN) instead of 0."""
+        return self._log_alpha(t).clamp(max=0.0)
+
     # -- input handling -----------------------------------------------------------------------------
     def _time(self, t) -> Tensor:
-        """``t`` as a float64 tensor, range-checked where that needs no device sync."""
+        """``t`` as a float64 tensor clamped into ``[0, T]``, range-checked where that needs no device
+        sync (times within their own dtype's rounding of an end are that end)."""
         if torch.is_tensor(t):
             t64 = t.to(torch.float64)
-            if t64.device.type != "cpu":
-                return t64
+            if t64.device.type == "cpu":
+                self.check_times(t)
         else:
             t64 = torch.as_tensor(t, dtype=torch.float64)
-        self.check_times(t64)
-        return t64
+            self.check_times(t64)
+        return t64.clamp(0.0, self.T)
 
     def check_times(self, t) -> None:
-        """Raise ``ValueError`` unless every time in ``t`` lies in ``[0, T]`` (this syncs on GPU)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        """Raise ``ValueError`` unless every time in ``t`` lies in ``[0, T]`` up to the rounding of its
+        own dtype (this syncs on GPU)."""
+        t = torch.as_tensor(t)
+        tol = _time_tol(t.dtype, self.T)
+        t = t.to(torch.float64)
         if t.numel() == 0:
             return
         lo, hi = float(t.min()), float(t.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -_TIME_TOL or hi > self.T + _TIME_TOL:
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -tol or hi > self.T + tol:
             raise ValueError(
                 f"{type(self).__name__}: times must lie in [0, {self.T:g}], got values in [{lo:g}, {hi:g}]; "
                 f"pass t within the schedule's range"
@@ -93,13 +117,13 @@ class Schedule:
 
     # -- public API ---------------------------------------------------------------------------------
     def log_alpha(self, t) -> Tensor:
-        return self._log_alpha(self._time(t))
+        return self._la(self._time(t))
 
     def log_sigma(self, t) -> Tensor:
         return self._log_sigma(self._time(t))
 
     def alpha(self, t) -> Tensor:
-        return torch.exp(self.log_alpha(t))
+        return torch.exp(self.log_alpha(t)).clamp(max=1.0)  # exp of a value <= 0: <= 1 by construction
 
     def sigma(self, t) -> Tensor:
         return torch.exp(self.log_sigma(t))
@@ -107,7 +131,7 @@ class Schedule:
     def log_snr(self, t) -> Tensor:
         """lambda(t) = log(alpha^2 / sigma^2)."""
         t = self._time(t)
-        return 2.0 * (self._log_alpha(t) - self._log_sigma(t))
+        return 2.0 * (self._la(t) - self._log_sigma(t))
 
     def f(self, t) -> Tensor:
         """Drift coefficient f(t) = d log alpha / dt of ``dx = f x dt + g dW``."""
@@ -118,8 +142,14 @@ class Schedule:
         return self._g2(self._time(t))
 
     def dlog_snr_dt(self, t) -> Tensor:
-        """d lambda / dt = -g^2 / sigma^2 (negative)."""
+        """d lambda / dt = -g^2 / sigma^2 (negative); ``-inf`` where sigma = 0 (t = 0 of VP, sub-VP and
+        DDPM, where lambda = +inf), never the ``0 * inf`` of the formula there."""
         t = self._time(t)
+        rate = self._dlog_snr_dt(t)
+        return torch.where(self._log_sigma(t) == -math.inf, torch.full_like(rate, -math.inf), rate)
+
+    def _dlog_snr_dt(self, t: Tensor) -> Tensor:
+        """-g^2 / sigma^2; a subclass whose sigma^2 underflows long before g^2 gives a closed form."""
         return -self._g2(t) * torch.exp(-2.0 * self._log_sigma(t))
 
     def t_from_log_snr(self, lam, iters: int = 200) -> Tensor:
@@ -155,7 +185,7 @@ class _VPBase(Schedule):
     variance_preserving = True
 
     def _log_sigma(self, t: Tensor) -> Tensor:
-        return 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha(t)))
+        return 0.5 * torch.log(-torch.expm1(2.0 * self._la(t)))
 
     def _g2(self, t: Tensor) -> Tensor:
         return -2.0 * self._f(t)
@@ -199,6 +229,10 @@ class CosineVP(_VPBase):
 
     alpha reaches 0 at t = 1, where f and g^2 blow up, so the time range ends at ``T = 0.9946`` by
     default (log-SNR about -9.5 there, the same end point DPM-Solver uses for this schedule).
+
+    With ``a0 = pi/2 s/(1+s)`` and ``d = pi/2 t/(1+s)``, ``cos(a0 + d) / cos(a0) = cos d - tan(a0) sin d``,
+    so ``log alpha = log1p(-2 sin^2(d/2) - tan(a0) sin d)``: a sum of non-positive terms, 0 exactly at
+    t = 0 and free of the cancellation of ``log cos(a0 + d) - log cos(a0)`` near t = 0.
     """
 
     def __init__(self, s: float = 0.008, T: float = 0.9946):
@@ -209,13 +243,14 @@ class CosineVP(_VPBase):
         if not 0 < T < 1:
             raise ValueError(f"CosineVP: T must lie in (0, 1) (alpha vanishes at t = 1), got {T}")
         self.s, self.T = s, T
-        self._log_cos0 = math.log(math.cos(0.5 * math.pi * s / (1.0 + s)))
+        self._tan0 = math.tan(0.5 * math.pi * s / (1.0 + s))  # a constant: no per-call libm path
 
     def _angle(self, t: Tensor) -> Tensor:
         return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
 
     def _log_alpha(self, t: Tensor) -> Tensor:
-        return torch.log(torch.cos(self._angle(t))) - self._log_cos0
+        d = (0.5 * math.pi / (1.0 + self.s)) * t
+        return torch.log1p(-2.0 * torch.sin(0.5 * d).square() - self._tan0 * torch.sin(d))
 
     def _f(self, t: Tensor) -> Tensor:
         return -0.5 * math.pi / (1.0 + self.s) * torch.tan(self._angle(t))
@@ -238,13 +273,19 @@ class SubVP(Schedule):
         return self._vp._log_alpha(t)
 
     def _log_sigma(self, t: Tensor) -> Tensor:
-        return torch.log(-torch.expm1(2.0 * self._log_alpha(t)))
+        return torch.log(-torch.expm1(2.0 * self._la(t)))
 
     def _f(self, t: Tensor) -> Tensor:
         return self._vp._f(t)
 
     def _g2(self, t: Tensor) -> Tensor:
-        return -2.0 * self._f(t) * -torch.expm1(4.0 * self._log_alpha(t))
+        return -2.0 * self._f(t) * -torch.expm1(4.0 * self._la(t))
+
+    def _dlog_snr_dt(self, t: Tensor) -> Tensor:
+        # -g^2 / sigma^2 = -beta (1 + alpha^2) / (1 - alpha^2): sigma^2 = (1 - alpha^2)^2 underflows
+        # near t = 0 (t ~ 1e-300) where this ratio is still finite
+        la = self._la(t)
+        return 2.0 * self._f(t) * (1.0 + torch.exp(2.0 * la)) / -torch.expm1(2.0 * la)
 
     def config(self) -> dict:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max}
