@@ -292,9 +292,8 @@ def _denoise(net, kind: str, sde: SDE, x: Tensor, t_min: float, float64: bool) -
     if float(tab["sigma"][0]) == 0.0:
         return x / float(tab["alpha"][0])
     p, q = _affine(kind, tab["alpha"], tab["sigma"], "x0")
-    out = net(
-        x, torch.full((x.shape[0],), t_min, device=x.device, dtype=torch.float64 if float64 else coef_dtype(x))
-    )
+    dtype = torch.float64 if float64 else coef_dtype(x)
+    out = net(x, torch.full((x.shape[0],), t_min, device=x.device, dtype=dtype))
     return torch.add(x * float(p), out, alpha=float(q))
 
 

@@ -58,8 +58,9 @@ def _check_values(sch, t):
     assert bool((vals["alpha"][t64 == 0] == 1).all())
     assert bool((vals["dlog_snr_dt"] < 0).all()) and bool((vals["g2"] >= 0).all())
     if sch.variance_preserving:
-        torch.testing.assert_close(vals["alpha"] ** 2 + vals["sigma"] ** 2, torch.ones_like(t64), rtol=0,
-                                   atol=1e-14)
+        torch.testing.assert_close(
+            vals["alpha"] ** 2 + vals["sigma"] ** 2, torch.ones_like(t64), rtol=0, atol=1e-14
+        )
     return vals
 
 
@@ -93,9 +94,7 @@ def perturb_libm(monkeypatch, direction: float) -> None:
 
 @pytest.mark.parametrize("direction", [math.inf, -math.inf], ids=["ulp_up", "ulp_down"])
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_a_last_ulp_difference_of_the_math_library_changes_nothing_that_matters(
-    name, direction, monkeypatch
-):
+def test_a_last_ulp_difference_of_the_math_library_changes_nothing_that_matters(name, direction, monkeypatch):
     """The closed forms stay NaN-free with the exact end points whatever the CPU's libm does."""
     perturb_libm(monkeypatch, direction)
     sch = SCHEDULES[name]()  # constants computed at construction see the perturbation too
@@ -177,8 +176,16 @@ def test_grid_times_reach_the_network_unrounded(sampler):
         seen.append(t)
         return 0.5 * x
 
-    x, info = sample(net, sde, sampler=sampler, steps=4, shape=(3, D), dtype=torch.bfloat16,
-                     return_info=True, generator=torch.Generator().manual_seed(0))
+    x, info = sample(
+        net,
+        sde,
+        sampler=sampler,
+        steps=4,
+        shape=(3, D),
+        dtype=torch.bfloat16,
+        return_info=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert x.dtype == torch.bfloat16 and bool(torch.isfinite(x.float()).all())
     assert seen and all(t.dtype == torch.float32 for t in seen)
     if sampler not in ("torchdiffeq", "torchsde"):  # adaptive / library solvers pick their own times
@@ -191,6 +198,13 @@ def test_grid_times_reach_the_network_unrounded(sampler):
             return super().predict(x, t, sde, kind)
 
     seen64 = []
-    sample(OwnMath(lambda x, t: 0.5 * x), sde, sampler=sampler, steps=4, shape=(3, D),
-           dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    sample(
+        OwnMath(lambda x, t: 0.5 * x),
+        sde,
+        sampler=sampler,
+        steps=4,
+        shape=(3, D),
+        dtype=torch.bfloat16,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert seen64 and all(dt == torch.float64 for dt in seen64 if sampler not in ("torchdiffeq", "torchsde"))
