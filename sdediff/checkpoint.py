@@ -6,14 +6,19 @@ A checkpoint of step ``k`` is a pair of files in ``<out_dir>/checkpoints/``::
                                optimizer state tensors ("optim.<param index>.<name>")
     step_0000100.json          everything else: format tag, step, config, the optimizer's
                                non-tensor state (param groups), RNG states (base64 of the ByteTensor),
-                               the data position, and the size and SHA-256 of the .safetensors file
+                               the data position, the size and SHA-256 of the .safetensors file and
+                               the SHA-256 of this JSON's own content (``meta_sha256``)
 
 Writing: the tensors go to a temporary file that is fsync'ed and then ``os.replace``-d into place;
 the JSON follows the same way and acts as the commit marker, so a crash at any moment leaves either
 the previous checkpoints alone or a complete new one (a .safetensors without its JSON is ignored).
-Reading: :func:`load_checkpoint` checks the JSON, the format tag, the file size and hash, then
-reads the tensors with ``safetensors.torch.load_file``; no pickle is ever involved. Every problem
-raises one :class:`CheckpointError` naming the file and what is wrong.
+Reading: :func:`load_checkpoint` checks the JSON, the format tag, the JSON's own hash, the tensor
+file's size and hash, then reads the tensors with ``safetensors.torch.load_file``; no pickle is ever
+involved. Every problem raises one :class:`CheckpointError` naming the file and what is wrong.
+
+The hashes detect corruption and edits, not malice (anyone can recompute them). The metadata is data:
+a stored config is only ever rebuilt through :func:`check_targets`, which refuses every ``_target_``
+outside :data:`TRUSTED_TARGETS` (nested ones too) and every interpolation, before anything is built.
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ __all__ = [
     "check_state_dict",
     "prefixed",
     "load_model_weights",
+    "model_weights",
+    "metadata_digest",
+    "check_targets",
+    "TRUSTED_TARGETS",
+    "clean_stale_files",
 ]
 
 FORMAT = "sdediff-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the JSON carries the SHA-256 of its own content
 _NAME = re.compile(r"^step_(\d+)\.json$")
 
 
@@ -112,6 +122,13 @@ def encode_bytes(t: Tensor) -> str:
 def decode_bytes(s: str) -> Tensor:
     """Inverse of :func:`encode_bytes`."""
     return torch.frombuffer(bytearray(base64.b64decode(s.encode("ascii"), validate=True)), dtype=torch.uint8)
+
+
+def metadata_digest(record: dict) -> str:
+    """SHA-256 of a checkpoint record's JSON content (canonical form, without ``meta_sha256`` itself)."""
+    body = {k: v for k, v in record.items() if k != "meta_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _json_default(obj: Any) -> Any:
@@ -205,7 +222,9 @@ def save_checkpoint(
         **meta,
         "tensors": {"file": weights.name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
     }
-    text = json.dumps(record, indent=1, default=_json_default, allow_nan=True)
+    record = json.loads(json.dumps(record, default=_json_default, allow_nan=True))  # as it will be read
+    record["meta_sha256"] = metadata_digest(record)
+    text = json.dumps(record, indent=1, allow_nan=True)
     path = stem.with_suffix(".json")
     _atomic_write(path, text.encode("utf-8"))
     if keep is not None and keep > 0:
@@ -244,10 +263,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise CheckpointError(
             f"{jpath} was written by a newer sdediff (checkpoint version {meta['version']} > {VERSION})"
         )
+    if meta.get("version", 0) >= 2 and meta.get("meta_sha256") != metadata_digest(meta):
+        raise CheckpointError(
+            f"checkpoint {jpath} was altered or is corrupt: its content does not match its meta_sha256; "
+            "use an intact checkpoint"
+        )
     for key in ("step", "tensors"):
         if key not in meta:
             raise CheckpointError(f"checkpoint {jpath} lacks the entry {key!r}; the file is corrupt")
     info = meta["tensors"]
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str) or "/" in info["file"]:
+        raise CheckpointError(f"checkpoint {jpath}: its 'tensors' entry is malformed; the file is corrupt")
     wpath = jpath.with_name(str(info.get("file", "")))
     if not wpath.is_file():
         raise CheckpointError(f"checkpoint {jpath}: its tensor file {wpath} is missing")
@@ -299,6 +325,17 @@ def check_state_dict(
         )
 
 
+def model_weights(tensors: dict[str, Tensor], which: str = "ema") -> dict[str, Tensor]:
+    """The ``which`` weights (``"ema"`` or ``"model"``) of a loaded checkpoint's tensors; the raw
+    weights when ``which="ema"`` and the run kept no EMA."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    weights = prefixed(tensors, which)
+    if not weights and which == "ema":
+        weights = prefixed(tensors, "model")
+    return weights
+
+
 def load_model_weights(model: nn.Module, path: str | os.PathLike, which: str = "ema") -> dict[str, Any]:
     """Load the ``which`` weights (``"ema"`` or ``"model"``) of a checkpoint into ``model``; returns the meta.
 
@@ -307,9 +344,106 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, which: str = "
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     tensors, meta = load_checkpoint(path)
-    weights = prefixed(tensors, which)
-    if not weights and which == "ema":
-        weights = prefixed(tensors, "model")
+    weights = model_weights(tensors, which)
     check_state_dict(model, weights, which, meta["path"])
     model.load_state_dict(weights)
     return meta
+
+
+# -- stored configs: data, rebuilt only through an allow-list ------------------------------------------
+def _aliases(names: dict[str, tuple[str, ...]]) -> frozenset[str]:
+    return frozenset(f"{module}.{name}" for name, modules in names.items() for module in modules)
+
+
+#: The constructors a stored config may name (every spelling hydra resolves to the same object).
+TRUSTED_TARGETS: frozenset[str] = _aliases(
+    {
+        "Model": ("sdediff", "sdediff.models"),
+        "SDE": ("sdediff", "sdediff.sde"),
+        "MLP": ("sdediff", "sdediff.nets", "sdediff.nets.mlp"),
+        "UNet": ("sdediff", "sdediff.nets", "sdediff.nets.unet"),
+        **{
+            name: ("sdediff", "sdediff.schedules")
+            for name in ("LinearVP", "CosineVP", "SubVP", "VE", "DiscreteVP", "DiscreteVP.ddpm")
+        },
+        "DiffusionLoss": ("sdediff", "sdediff.losses"),
+        "Sampler": ("sdediff", "sdediff.samplers"),
+    }
+)
+_HYDRA_KEYS = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")
+
+
+def check_targets(cfg: Any, where: str, source: str, extra: frozenset[str] | set[str] = frozenset()) -> None:
+    """Raise :class:`CheckpointError` unless every ``_target_`` in the config tree ``cfg`` (plain dicts
+    and lists, as read from a checkpoint's JSON) is in :data:`TRUSTED_TARGETS` or ``extra``, and no
+    string holds an interpolation (``${...}``: stored configs are saved resolved).
+
+    ``where`` is the key of ``cfg`` in the stored config (for the message), ``source`` the file. The
+    message names the key and the value; nothing is imported or built.
+    """
+    allowed = TRUSTED_TARGETS | frozenset(extra)
+
+    def refuse(key: str, value: Any, why: str) -> None:
+        raise CheckpointError(f"{key}={value!r}: {why} (in {source}); refusing to build it")
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    refuse(f"{key}.{k}", v, "keys must be strings")
+                sub = f"{key}.{k}"
+                if k == "_target_":
+                    if not isinstance(v, str) or v not in allowed:
+                        refuse(
+                            sub,
+                            v,
+                            "not an sdediff constructor a checkpoint may name; if you trust this file and "
+                            f"its code, pass trusted_targets=[{v}]",
+                        )
+                elif k.startswith("_") and k.endswith("_") and k not in _HYDRA_KEYS:
+                    refuse(sub, v, f"unknown special key; allowed: {', '.join(_HYDRA_KEYS)}")
+                walk(v, sub)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str):
+            if "${" in node:
+                refuse(key, node, "interpolations are not allowed in a stored config")
+        elif node is not None and not isinstance(node, bool | int | float):
+            refuse(key, node, "not JSON data")
+
+    walk(cfg, where)
+
+
+def clean_stale_files(directory: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted checkpoint write left in ``directory`` (a run dir or its
+    ``checkpoints/``): temporary files of processes that no longer run, and tensor files whose JSON
+    (the commit marker) was never written. Returns the paths removed."""
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        m = re.match(r"^\..+\.tmp-(\d+)$", p.name)
+        if m and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        elif p.suffix == ".safetensors" and _NAME.match(p.with_suffix(".json").name):
+            if not p.with_suffix(".json").exists():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .errors import ArgumentError
+
 __all__ = [
     "TOY2D_NAMES",
     "DIGITS_SPLIT_SIZES",
@@ -431,9 +433,11 @@ def toy2d(
         dtype: output dtype (sampling is done in float64).
     """
     if name not in TOY2D_NAMES:
-        raise ValueError(f"unknown toy2d distribution {name!r}; choose one of {', '.join(TOY2D_NAMES)}")
-    if int(n) < 0:
-        raise ValueError(f"toy2d: n must be >= 0, got {n}")
+        raise ArgumentError(
+            "name", name, f"must be one of {', '.join(TOY2D_NAMES)} (unknown toy2d distribution)", "toy2d"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ArgumentError("n", n, "must be an integer >= 0", "toy2d")
     g = _as_generator(seed)
     raw = _toy_raw(name, int(n), g)
     mean, scale = _toy_stats(name)
@@ -442,6 +446,8 @@ def toy2d(
 
 def toy2d_dataset(name: str = "checkerboard", n: int = 10000, seed: int = 0) -> ArrayDataset:
     """:func:`toy2d` samples as an unlabelled :class:`ArrayDataset` of 2-D points."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ArgumentError("n", n, "must be an integer >= 1", "toy2d_dataset")
     return ArrayDataset(toy2d(name, n, seed=seed))
 
 
@@ -937,6 +943,13 @@ def image_folder(
 def _np_load(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"array file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise ValueError(
+                    f"{path} is neither a .npy nor a .npz file (no NumPy header); save it with np.save or "
+                    "np.savez"
+                )
     try:
         if zipfile.is_zipfile(path):
             with np.load(path, allow_pickle=False) as z:
@@ -1116,5 +1129,3 @@ def numpy_file(
 # --------------------------------------------------------------------------------------------
 # convenience
 # --------------------------------------------------------------------------------------------
-
-

@@ -56,6 +56,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError
 from .models import as_model, raw_net
 from .sde import coef_dtype
 
@@ -229,8 +230,11 @@ def _plan(
             raise ValueError(f"dpm_solver: sigma vanishes at t = {times[i]:g} before the last time")
     final_zero = math.isinf(lam[-1])
     if denoise and final_zero:
-        raise ValueError(
-            "dpm_solver: denoise=True needs sigma > 0 at the last time (it already ends at sigma = 0)"
+        raise ArgumentError(
+            "denoise",
+            True,
+            "needs sigma > 0 at the last time (this grid already ends at sigma = 0)",
+            "dpm_solver",
         )
     orders = _orders(M, order, lower_order_final, final_zero, final_order)
     weights = step_weights if variant == "exact" else _lu_weights
@@ -355,15 +359,22 @@ def dpm_solver(
     """
     model = as_model(model)
     if isinstance(order, bool) or order not in (1, 2, 3):
-        raise ValueError(f"dpm_solver: order must be 1, 2 or 3, got {order!r}")
+        raise ArgumentError("order", order, "must be 1, 2 or 3", "dpm_solver")
     if variant not in ("exact", "lu"):
-        raise ValueError(f"dpm_solver: variant must be 'exact' or 'lu', got {variant!r}")
+        raise ArgumentError("variant", variant, "must be 'exact' or 'lu'", "dpm_solver")
     if not (
         isinstance(lower_order_final, bool) or (isinstance(lower_order_final, int) and lower_order_final >= 0)
     ):
-        raise ValueError(
-            f"dpm_solver: lower_order_final must be a bool or an int >= 0, got {lower_order_final!r}"
+        raise ArgumentError(
+            "lower_order_final", lower_order_final, "must be a bool or an int >= 0", "dpm_solver"
         )
+    if isinstance(final_order, bool) or not isinstance(final_order, int) or final_order < 1:
+        raise ArgumentError("final_order", final_order, "must be an integer >= 1", "dpm_solver")
+    if isinstance(switch, bool) or not isinstance(switch, int | float) or math.isnan(switch):
+        raise ArgumentError("switch", switch, "must be a number (inf: never switch)", "dpm_solver")
+    for name, flag in (("corrector", corrector), ("denoise", denoise)):
+        if not isinstance(flag, bool):
+            raise ArgumentError(name, flag, "must be true or false", "dpm_solver")
     times = torch.as_tensor(times)
     if times.ndim != 1 or times.numel() < 2:
         raise ValueError(

@@ -99,6 +99,7 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError
 from .likelihood import discretized_gaussian_log_prob, prior_kl
 from .models import PREDICTIONS, as_model, convert
 from .schedules import Schedule
@@ -256,9 +257,12 @@ class DiffusionLoss:
                 f"{sched!r}; use discrete=False for continuous-time training"
             )
         if weighting == "vlb" and not self.discrete:
-            raise ValueError(
-                "DiffusionLoss: weighting='vlb' (DDPM's discrete bound) needs a DiscreteVP schedule with "
-                f"discrete=True; for continuous schedules use one of {('elbo', 'likelihood')}"
+            raise ArgumentError(
+                "weighting",
+                weighting,
+                "needs a DiscreteVP schedule (sde=ddpm) with discrete=True: it is DDPM's discrete bound; for "
+                "continuous schedules use elbo or likelihood",
+                "DiffusionLoss",
             )
 
         # -- time range --------------------------------------------------------------------------------
@@ -647,5 +651,3 @@ class DiffusionLoss:
         kl = prior_kl(self.sde, x0)
         kl = kl if self.reduction == "sum" else kl / x0[0].numel()
         return kl.to(coef_dtype(x0))
-
-

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .dpm_solver import dpm_solver
+from .errors import ArgumentError
 from .models import Model, as_model, raw_net
 from .sde import SDE, coef_dtype
 from .timegrids import GRIDS, get_times
@@ -160,13 +161,13 @@ class _Ancestral(_Stepper):
 
     def __init__(self, sde: SDE, times: Tensor, kind: str, variance: str = "small", eta: float = 1.0):
         if variance not in ("small", "large"):
-            raise ValueError(f"ancestral: variance must be 'small' or 'large', got {variance!r}")
+            raise ArgumentError("variance", variance, "must be 'small' or 'large'", "ancestral")
         if (
             isinstance(eta, bool)
             or not isinstance(eta, numbers.Real)
             or not (math.isfinite(eta) and eta >= 0)
         ):
-            raise ValueError(f"ancestral: eta must be a number >= 0, got {eta!r}")
+            raise ArgumentError("eta", eta, "must be a number >= 0", "ancestral")
         tab = _table(sde, times)
         super().__init__(tab, kind)
         t, s = tab["t"][:-1], tab["t"][1:]
@@ -211,7 +212,7 @@ class _PFODE(_Stepper):
 
     def __init__(self, sde: SDE, times: Tensor, kind: str, method: str = "heun"):
         if method not in ("euler", "heun"):
-            raise ValueError(f"pf_ode: method must be 'euler' or 'heun', got {method!r}")
+            raise ArgumentError("method", method, "must be 'euler' or 'heun'", "pf_ode")
         tab = _table(sde, times)
         super().__init__(tab, kind)
         self.heun = method == "heun"
@@ -405,16 +406,18 @@ def pc(
     x0_hat at ``t_min``. Model evaluations: ``steps * (n_steps + evaluations per predictor step)``.
     """
     if predictor not in _PREDICTORS:
-        raise ValueError(f"pc: predictor must be one of {sorted(_PREDICTORS)}, got {predictor!r}")
+        raise ArgumentError("predictor", predictor, f"must be one of {', '.join(sorted(_PREDICTORS))}", "pc")
     popts = {"eta": eta, "variance": variance, "method": method}
     allowed = {"ancestral": ("eta", "variance"), "pf_ode": ("method",), "euler_maruyama": ()}[predictor]
     extra = sorted(k for k, v in popts.items() if v is not None and k not in allowed)
     if extra:
-        raise ValueError(f"pc: option(s) {extra} do not apply to predictor {predictor!r}")
+        raise ArgumentError(
+            extra[0], popts[extra[0]], f"must be null: it does not apply to predictor {predictor!r}", "pc"
+        )
     if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 0:
-        raise ValueError(f"pc: n_steps must be an integer >= 0, got {n_steps!r}")
+        raise ArgumentError("n_steps", n_steps, "must be an integer >= 0", "pc")
     if isinstance(snr, bool) or not isinstance(snr, numbers.Real) or not (math.isfinite(snr) and snr > 0):
-        raise ValueError(f"pc: snr must be a number > 0, got {snr!r}")
+        raise ArgumentError("snr", snr, "must be a number > 0", "pc")
     net, kind, f64, times = _setup(model, sde, x, times)
     stepper = _PREDICTORS[predictor](
         sde, times, kind, **{k: popts[k] for k in allowed if popts[k] is not None}
@@ -493,9 +496,11 @@ def via_torchsde(
     import torchsde
 
     if method not in _TORCHSDE_METHODS:
-        raise ValueError(f"torchsde: unknown method {method!r}; choose one of {sorted(_TORCHSDE_METHODS)}")
+        raise ArgumentError(
+            "method", method, f"must be one of {', '.join(sorted(_TORCHSDE_METHODS))}", "torchsde"
+        )
     if dt is not None and not (isinstance(dt, numbers.Real) and math.isfinite(dt) and dt > 0):
-        raise ValueError(f"torchsde: dt must be a positive number, got {dt!r}")
+        raise ArgumentError("dt", dt, "must be a positive number or null", "torchsde")
     net, kind, f64, times = _setup(model, sde, x, times)
     T = float(sde.T)
     u = (T - times).tolist()
@@ -574,18 +579,21 @@ def via_torchdiffeq(
 
     solvers = _torchdiffeq_solvers()
     if method not in solvers:
-        raise ValueError(f"torchdiffeq: unknown method {method!r}; choose one of {sorted(solvers)}")
+        raise ArgumentError("method", method, f"must be one of {', '.join(sorted(solvers))}", "torchdiffeq")
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"torchdiffeq: {name} must be a positive number, got {v!r}")
+            raise ArgumentError(name, v, "must be a positive number", "torchdiffeq")
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"torchdiffeq: options must be a mapping, got {type(options).__name__}")
     net, kind, f64, times = _setup(model, sde, x, times)
     lo, hi = float(times[-1]), float(times[0])
     if float(sde.schedule.sigma(lo)) == 0.0:
-        raise ValueError(
-            f"torchdiffeq: the probability-flow ODE is singular at t_min = {lo:g}, where sigma = 0 (its "
-            f"solvers evaluate the end point); pass t_min > 0"
+        raise ArgumentError(
+            "t_min",
+            lo,
+            "must be > 0: the probability-flow ODE is singular where sigma = 0 and torchdiffeq's solvers "
+            "evaluate the end point",
+            "torchdiffeq",
         )
     model = Model(net, kind)
     opts = dict(options or {})
@@ -673,7 +681,7 @@ def _default_t_min(name: str, grid: str, options: Mapping) -> float | None:
 
 def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"sample: {name} must be an integer >= 1, got {v!r}")
+        raise ArgumentError(name, v, "must be an integer >= 1", "sample")
     return int(v)
 
 
@@ -741,23 +749,30 @@ def sample(
         raise TypeError(f"sample: sde must be an sdediff.SDE, got {type(sde).__name__}")
     steps = _positive_int("steps", steps)
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        raise ArgumentError(
+            "sampler", sampler, f"must be one of {', '.join(sorted(SAMPLERS))} (unknown sampler)", "sample"
+        )
     fn = SAMPLERS[sampler]
     allowed = _option_names(fn)
     if allowed is not None:
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise ValueError(
-                f"sample: unknown option(s) {unknown} for sampler {sampler!r}; it accepts {sorted(allowed)}"
+            raise ArgumentError(
+                unknown[0],
+                options[unknown[0]],
+                f"is an unknown option for sampler {sampler!r}; it accepts {', '.join(sorted(allowed))}",
+                "sample",
             )
     if grid is None:
         grid = _default_grid(sampler, sde)
     elif grid not in GRIDS:
-        raise ValueError(f"sample: unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        raise ArgumentError(
+            "grid", grid, f"must be one of {', '.join(sorted(GRIDS))} (unknown grid)", "sample"
+        )
     T = float(sde.T)
     if t_min is not None:
         if isinstance(t_min, bool) or not isinstance(t_min, numbers.Real) or not 0.0 <= float(t_min) < T:
-            raise ValueError(f"sample: t_min must be a number in [0, T) = [0, {T:g}), got {t_min!r}")
+            raise ArgumentError("t_min", t_min, f"must be a number in [0, T) = [0, {T:g})", "sample")
         t_min = float(t_min)
     else:
         t_min = _default_t_min(sampler, grid, options)
@@ -837,18 +852,39 @@ class Sampler:
 
     def __post_init__(self):
         if self.name not in SAMPLERS:
-            raise ValueError(f"Sampler: unknown sampler {self.name!r}; choose one of {sorted(SAMPLERS)}")
+            raise ArgumentError(
+                "name",
+                self.name,
+                f"must be one of {', '.join(sorted(SAMPLERS))} (unknown sampler)",
+                "Sampler",
+            )
         _positive_int("steps", self.steps)
         opts = dict(self.options or {})
         allowed = _option_names(SAMPLERS[self.name])
         if allowed is not None and set(opts) - allowed:
-            raise ValueError(
-                f"Sampler: unknown option(s) {sorted(set(opts) - allowed)} for {self.name!r}; "
-                f"it accepts {sorted(allowed)}"
+            bad = sorted(set(opts) - allowed)[0]
+            raise ArgumentError(
+                f"options.{bad}",
+                opts[bad],
+                f"is an unknown option for {self.name!r}; it accepts {', '.join(sorted(allowed))}",
+                "Sampler",
             )
         if self.grid is not None and self.grid not in GRIDS:
-            raise ValueError(f"Sampler: unknown grid {self.grid!r}; choose one of {sorted(GRIDS)}")
+            raise ArgumentError(
+                "grid", self.grid, f"must be one of {', '.join(sorted(GRIDS))} (unknown grid)", "Sampler"
+            )
         object.__setattr__(self, "options", opts)
+
+    def check(self, sde: SDE, shape) -> None:
+        """Raise what a real run on ``sde`` would raise (grid, ``t_min``, ``steps``, the sampler's own
+        options), by running it once with a null network on a zero state of ``shape`` (one item is
+        enough): every check :func:`sample` and the sampler make, and nothing else, before real work."""
+
+        def null_net(x: Tensor, t: Tensor) -> Tensor:
+            return torch.zeros_like(x)
+
+        with torch.no_grad():
+            self(null_net, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
 
     def __call__(self, model, sde: SDE, *, shape=None, x_T=None, generator=None, **kwargs):
         """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``."""

@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError
+
 __all__ = ["Schedule", "LinearVP", "CosineVP", "SubVP", "VE", "DiscreteVP"]
 
 _TIME_TOL = 1e-9
@@ -221,7 +223,7 @@ def _check_betas(beta_min: float, beta_max: float, cls: str) -> None:
     if beta_min < 0:
         raise ValueError(f"{cls}: beta_min must be >= 0, got {beta_min}")
     if beta_max <= beta_min:
-        raise ValueError(f"{cls}: beta_max must be > beta_min, got beta_min={beta_min}, beta_max={beta_max}")
+        raise ArgumentError("beta_max", beta_max, f"must be > beta_min = {beta_min:g}", cls)
 
 
 class CosineVP(_VPBase):

@@ -46,6 +46,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError
+
 __all__ = [
     "GRIDS",
     "get_times",
@@ -111,9 +113,12 @@ def logsnr_times(sde, steps: int, t_min: float, t_max: float) -> Tensor:
     """Uniform in log-SNR lambda (needs a finite lambda at t_min: not t_min = 0 for VP schedules)."""
     lam_lo, lam_hi = _lambda_range(sde, t_min, t_max, "logsnr")
     if not math.isfinite(lam_hi):
-        raise ValueError(
-            f"get_times: grid 'logsnr' needs a finite log-SNR at t_min, but sigma({t_min:g}) = 0; "
-            f"pass t_min > 0 or use grid='edm'"
+        raise ArgumentError(
+            "t_min",
+            t_min,
+            f"must be > 0 for grid 'logsnr', which needs a finite log-SNR there "
+            f"(sigma({t_min:g}) = 0); or use grid='edm'",
+            "get_times",
         )
     lam = lam_lo + (lam_hi - lam_lo) * _lin(steps)
     return _from_lambda(sde, lam, t_min, t_max)
@@ -147,15 +152,17 @@ def trailing_times(sde, steps: int, t_min: float, t_max: float) -> Tensor:
     k_max, k_min = t_max * N, t_min * N
     for name, k, t in (("t_max", k_max, t_max), ("t_min", k_min, t_min)):
         if abs(k - round(k)) > 1e-6:
-            raise ValueError(
-                f"get_times: grid 'trailing' needs {name} on the training grid k/{N} (k = 0..{N}), "
-                f"got {name} = {t:g}"
+            raise ArgumentError(
+                name, t, f"must lie on the training grid k/{N} (k = 0..{N}) for grid 'trailing'", "get_times"
             )
     k_max, k_min = round(k_max), round(k_min)
     if steps > k_max - k_min:
-        raise ValueError(
-            f"get_times: grid 'trailing' has only {k_max - k_min} steps between t = {k_max}/{N} and "
-            f"{k_min}/{N}; got steps = {steps} (pass t_min=0 for one more step, down to alpha = 1)"
+        raise ArgumentError(
+            "steps",
+            steps,
+            f"must be <= {k_max - k_min}: grid 'trailing' has only {k_max - k_min} steps between t = "
+            f"{k_max}/{N} and {k_min}/{N} (t_min=0 allows one more step, down to alpha = 1)",
+            "get_times",
         )
     k = torch.floor(k_max - (k_max - k_min) * _lin(steps) + 0.5)
     return _pin_ends(k / N, t_max, t_min)
@@ -231,10 +238,12 @@ def get_times(
     """
     sch = _schedule(sde)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"get_times: steps must be an integer >= 1, got {steps!r}")
+        raise ArgumentError("steps", steps, "must be an integer >= 1", "get_times")
     steps = int(steps)
     if grid not in GRIDS:
-        raise ValueError(f"get_times: unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        raise ArgumentError(
+            "grid", grid, f"must be one of {', '.join(sorted(GRIDS))} (unknown grid)", "get_times"
+        )
     T = float(sch.T)
     t_min = float(sch.default_t_min if t_min is None else t_min)
     t_max = T if t_max is None else float(t_max)

@@ -20,6 +20,13 @@ weights. It knows nothing of hydra; ``sdediff.cli.train`` builds its arguments f
   installed, and checkpoints (see :mod:`sdediff.checkpoint`) every ``ckpt_every`` steps and at the
   end. ``resume=True`` continues the newest checkpoint of ``out_dir`` exactly: on CPU the loss
   sequence and the weights are bitwise those of an uninterrupted run.
+* **Runs that lose nothing**: before every checkpoint write the losses since the last check and the
+  parameters (and EMA) are checked for finiteness; a non-finite state is never saved (so rotation can
+  only ever drop good checkpoints for newer good ones) and stops the run with a :class:`TrainingError`
+  naming the step and the last good checkpoint. ``resume=True`` is idempotent: a fresh start when
+  ``out_dir`` holds no checkpoint yet, no work at all when the newest checkpoint is already at
+  ``steps``, and the newest *intact* checkpoint (with a warning naming each one skipped) when newer
+  ones are truncated or corrupt. What a killed write left behind is removed when a run starts.
 """
 
 from __future__ import annotations
@@ -44,46 +51,54 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .data import ArrayDataset, uint8_to_float
+from .errors import ArgumentError, ConfigError, TrainingError
 from .models import Model
 
-__all__ = ["ConfigError", "TrainingError", "TrainResult", "EMA", "Batches", "train", "validate", "dist_env"]
+__all__ = [
+    "ConfigError",
+    "TrainingError",
+    "TrainResult",
+    "EMA",
+    "Batches",
+    "train",
+    "validate",
+    "dist_env",
+    "resolve_device",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_DECAYS = ("none", "cosine", "linear")
 _METRICS = ("step", "epoch", "lr", "loss", "grad_norm", "steps_per_s", "samples_per_s", "elapsed_s")
 
 
-class ConfigError(ValueError):
-    """A bad training argument or data set, reported before any training work."""
-
-
-class TrainingError(RuntimeError):
-    """Training went wrong (e.g. the loss became NaN)."""
-
-
 # ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
 def _number(name: str, value: Any, *, lo: float | None = None, lo_open: bool = False, hi=None, hi_open=False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ArgumentError(name, value, "must be a number")
+    v = float(value)
     if not math.isfinite(v):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
+        raise ArgumentError(name, value, "must be finite")
     if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
+        raise ArgumentError(name, value, f"must be {'>' if lo_open else '>='} {lo:g}")
     if hi is not None and (v >= hi if hi_open else v > hi):
-        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi:g}, got {value!r}")
+        raise ArgumentError(name, value, f"must be {'<' if hi_open else '<='} {hi:g}")
     return v
 
 
 def _integer(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ArgumentError(name, value, "must be an integer")
     if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value!r}")
+        raise ArgumentError(name, value, f"must be >= {lo}")
     return int(value)
+
+
+def _flag(name: str, value: Any, extra: tuple = ()) -> None:
+    if not isinstance(value, bool) and value not in extra:
+        allowed = ", ".join(["true", "false", *map(str, extra)])
+        raise ArgumentError(name, value, f"must be one of {allowed}")
 
 
 def validate(
@@ -99,28 +114,63 @@ def validate(
     precision="auto",
     log_every=100,
     ckpt_every=0,
+    keep_checkpoints=3,
+    betas=(0.9, 0.999),
+    seed=0,
+    device="auto",
+    channels_last="auto",
+    compile=False,
+    ema_warmup=True,
+    dequantize=False,
+    deterministic=None,
+    progress=True,
+    tensorboard=True,
+    allow_config_change=False,
     world_size=1,
 ) -> None:
-    """Check the training arguments; raise one :class:`ConfigError` for the first bad one."""
+    """Check the training arguments; raise one :class:`~sdediff.errors.ArgumentError` for the first bad
+    one (its key is the config key ``train.<name>``)."""
     _integer("train.steps", steps, 1)
     _integer("train.batch_size", batch_size, 1)
     _number("train.lr", lr, lo=0.0, lo_open=True)
     _integer("train.warmup", warmup, 0)
     if lr_decay not in LR_DECAYS:
-        raise ConfigError(f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
+        raise ArgumentError("train.lr_decay", lr_decay, f"must be one of {', '.join(LR_DECAYS)}")
     if grad_clip is not None:
         _number("train.grad_clip", grad_clip, lo=0.0, lo_open=True)
     if ema_decay is not None:
         _number("train.ema_decay", ema_decay, lo=0.0, hi=1.0, hi_open=True)
     _number("train.weight_decay", weight_decay, lo=0.0)
     if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ArgumentError("train.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
     _integer("train.log_every", log_every, 1)
     _integer("train.ckpt_every", ckpt_every, 0)
+    if keep_checkpoints is not None:
+        _integer("train.keep_checkpoints", keep_checkpoints, 1)
+    if (
+        not isinstance(betas, list | tuple)
+        or len(betas) != 2
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
+        or not all(0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ArgumentError("train.betas", betas, "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _integer("train.seed", seed, 0)
+    resolve_device(device, 0, "train.device")
+    _flag("train.channels_last", channels_last, ("auto",))
+    for name, value in (
+        ("compile", compile),
+        ("ema_warmup", ema_warmup),
+        ("dequantize", dequantize),
+        ("progress", progress),
+        ("tensorboard", tensorboard),
+        ("allow_config_change", allow_config_change),
+    ):
+        _flag(f"train.{name}", value)
+    if deterministic is not None:
+        _flag("train.deterministic", deterministic, ("null",))
     if batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size={batch_size} (the global batch) must be divisible by the number of "
-            f"processes ({world_size})"
+        raise ArgumentError(
+            "train.batch_size", batch_size, f"must be divisible by the number of processes ({world_size})"
         )
 
 
@@ -136,13 +186,33 @@ def dist_env() -> tuple[int, int, int]:
     )
 
 
-def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+def resolve_device(
+    device: str | torch.device | None, local_rank: int = 0, key: str = "device"
+) -> torch.device:
+    """``"auto"`` (this process's GPU when there is one, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, ... as a :class:`torch.device`, refusing (with :class:`ArgumentError` under ``key``)
+    names torch does not know and devices this machine or torch build does not have."""
     if device in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ArgumentError(key, device, "must be auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            )
+            raise ArgumentError(
+                key, device, f"is not available ({build}: torch {torch.__version__}); use auto or cpu"
+            )
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise ArgumentError(key, device, f"is not available ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise ArgumentError(key, device, "must be auto, cpu, cuda or cuda:<index>")
+    return dev
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +248,8 @@ class Batches:
         self.data, self.device = data, torch.device(device or "cpu")
         self.n = len(data)
         if batch_size > self.n:
-            raise ConfigError(
-                f"train.batch_size={batch_size} is larger than the data set ({self.n} items); lower it"
+            raise ArgumentError(
+                "train.batch_size", batch_size, f"must be <= the data set's size ({self.n} items)"
             )
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.local = batch_size // world_size
@@ -443,6 +513,7 @@ def train(
     resume: bool | str | os.PathLike = False,
     progress: bool = True,
     tensorboard: bool = True,
+    allow_config_change: bool = False,
     config: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
@@ -473,14 +544,18 @@ def train(
         keep_checkpoints: how many checkpoints to keep (``None``: all).
         out_dir: where metrics.csv, tb/ and checkpoints/ go (``None``: write nothing).
         resume: ``False`` (a fresh run; refuses an ``out_dir`` that already holds checkpoints),
-            ``True`` (the newest checkpoint in ``out_dir``) or a checkpoint path.
-        config: JSON-able description of the run stored in checkpoints; its ``"model"`` entry must
-            match on resume.
+            ``True`` (the newest intact checkpoint in ``out_dir``, or a fresh start when there is none
+            yet), a run directory (its newest intact checkpoint) or a checkpoint file.
+        allow_config_change: resume although the checkpoint's ``"model"``, ``"sde"`` or ``"loss"``
+            config differs from this run's (the weights must still fit the model).
+        config: JSON-able description of the run stored in checkpoints; its ``"model"``, ``"sde"`` and
+            ``"loss"`` entries must match on resume (unless ``allow_config_change``).
         callback: ``callback(step, info)`` after every step (``info``: ``loss`` tensor, ``lr``, ...).
 
     Raises:
         ConfigError / CheckpointError: before any training work, for bad arguments, data or checkpoints.
-        TrainingError: when the loss becomes NaN or inf.
+        TrainingError: when the loss or the parameters become NaN or inf (nothing non-finite is saved;
+            the message names the last good checkpoint).
     """
     world, rank, local_rank = dist_env()
     validate(
@@ -495,11 +570,23 @@ def train(
         precision=precision,
         log_every=log_every,
         ckpt_every=ckpt_every,
+        keep_checkpoints=keep_checkpoints,
+        betas=betas,
+        seed=seed,
+        device=device,
+        channels_last=channels_last,
+        compile=compile,
+        ema_warmup=ema_warmup,
+        dequantize=dequantize,
+        deterministic=deterministic,
+        progress=progress,
+        tensorboard=tensorboard,
+        allow_config_change=allow_config_change,
         world_size=world,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, "train.device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if precision == "auto":
@@ -524,23 +611,22 @@ def train(
 
     # -- output directory and checkpoint to resume ----------------------------------------------------
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ArgumentError("out_dir", str(out), "must be a directory (it is a file); choose another path")
     loaded = None
     if resume not in (False, None):
-        if resume is True:
-            if out is None:
-                raise ConfigError("train.resume=true needs an out_dir to find the checkpoint in")
-            latest = ckpt.latest_checkpoint(out)
-            if latest is None:
-                raise CheckpointError(f"train.resume=true but {ckpt.checkpoint_dir(out)} holds no checkpoint")
-            resume = latest
-        loaded = ckpt.load_checkpoint(resume)
+        if resume is True and out is None:
+            raise ArgumentError("train.resume", True, "needs an out_dir to find the checkpoint in")
+        loaded = _find_resume(out if resume is True else Path(resume), explicit=resume is not True)
     elif out is not None and ckpt.find_checkpoints(out):
-        raise ConfigError(
-            f"{ckpt.checkpoint_dir(out)} already holds checkpoints of another run; pass resume=true to "
-            "continue it or choose a new output directory"
+        raise ArgumentError(
+            "out_dir",
+            str(out),
+            "must not hold checkpoints of another run (pass train.resume=true to continue it, or choose "
+            "a new output directory)",
         )
     if ckpt_every and out is None:
-        raise ConfigError("train.ckpt_every > 0 needs an output directory")
+        raise ArgumentError("train.ckpt_every", ckpt_every, "must be 0 without an output directory")
 
     # -- model, EMA, optimizer -------------------------------------------------------------------------
     shape = tuple(batches.get(0).shape[1:])
@@ -566,11 +652,28 @@ def train(
     noise = torch.Generator(device=dev).manual_seed(_mix(seed, rank, 1))
     torch.manual_seed(_mix(seed, rank, 2))
     start = 0
+    last_good: Path | None = None
     if loaded is not None:
-        start = _restore(loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world)
-        if start >= steps and rank == 0:
-            msg = f"checkpoint {loaded[1]['path']} is at step {start} >= steps={steps}; nothing to do"
-            warnings.warn(msg, stacklevel=2)
+        start = _restore(
+            loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world, allow_config_change
+        )
+        last_good = Path(loaded[1]["path"])
+        if start >= steps:  # a finished run: nothing to train, nothing written
+            return TrainResult(
+                model=model,
+                ema=ema.module if ema is not None else None,
+                step=start,
+                start_step=start,
+                losses=torch.empty(0),
+                grad_norms=torch.empty(0),
+                elapsed_s=0.0,
+                samples_per_s=0.0,
+                checkpoint=last_good,
+                out_dir=out,
+                extra={"resumed_from": str(last_good), "nothing_to_do": True},
+            )
+    if out is not None and rank == 0:
+        ckpt.clean_stale_files(out)  # what a killed write left behind
 
     # -- process group and wrappers --------------------------------------------------------------------
     own_group = False
@@ -605,9 +708,30 @@ def train(
             leave=True,
         )
 
+    def check_finite(step: int) -> None:
+        """Raise TrainingError unless the losses not yet checked and the weights are finite (one sync)."""
+        flags = [torch.stack(pending).isfinite().all()] if pending else []
+        flags += [torch.isfinite(p).all() for p in model.parameters()]
+        if ema is not None:
+            flags += [torch.isfinite(p).all() for p in ema.module.parameters()]
+        ok = torch.stack(flags).all().to(torch.int32)
+        if world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return
+        what = "the parameters became non-finite"
+        if pending:
+            chunk = torch.stack(pending).cpu()
+            bad = (~torch.isfinite(chunk)).nonzero()
+            if len(bad):
+                i = int(bad[0, 0])
+                what = f"the loss became {float(chunk[i])} at step {step - len(chunk) + 1 + i}"
+        raise TrainingError(_failure(what, step, last_good))
+
     def save(step: int) -> Path | None:
         if out is None:
             return None
+        check_finite(step)  # never write (or rotate in) a non-finite state
         rng = [_rng_states(noise, dev)]
         if world > 1:  # every rank's generators, so that each continues its own stream
             rng = [None] * world
@@ -671,10 +795,8 @@ def train(
                 pending_g.clear()
                 if not bool(torch.isfinite(chunk).all()):
                     i = int((~torch.isfinite(chunk)).nonzero()[0, 0])
-                    raise TrainingError(
-                        f"the loss became {float(chunk[i])} at step {done - len(chunk) + 1 + i}; lower "
-                        "train.lr, set train.grad_clip or check the data"
-                    )
+                    what = f"the loss became {float(chunk[i])} at step {done - len(chunk) + 1 + i}"
+                    raise TrainingError(_failure(what, done, last_good))
                 now = time.perf_counter()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
                 row = {
@@ -696,6 +818,7 @@ def train(
                     )
             if ckpt_every and done % ckpt_every == 0 and done != steps:
                 last_ckpt = save(done) or last_ckpt
+                last_good = last_ckpt or last_good
                 if world > 1:
                     dist.barrier()
         if start < steps:
@@ -723,6 +846,43 @@ def train(
         samples_per_s=n * batch_size / elapsed if n > 0 else 0.0,
         checkpoint=last_ckpt,
         out_dir=out,
+        extra={"resumed_from": str(loaded[1]["path"]) if loaded is not None else None},
+    )
+
+
+def _failure(what: str, step: int, last_good: Path | None) -> str:
+    saved = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    return (
+        f"{what} (checked at step {step}); nothing non-finite was saved and {saved}; lower train.lr, "
+        "set train.grad_clip or check the data"
+    )
+
+
+def _find_resume(where: Path, explicit: bool):
+    """The (tensors, meta) of the checkpoint to resume: ``where`` itself when it is a checkpoint file,
+    else the newest *intact* checkpoint of the run directory ``where`` (warning about each newer one
+    that is truncated or corrupt); ``None`` (a fresh start) when ``where`` holds no checkpoint yet and
+    was not named explicitly."""
+    if where.exists() and not where.is_dir():
+        return ckpt.load_checkpoint(where)
+    if explicit and not where.exists():
+        raise CheckpointError(f"checkpoint not found: {where}")
+    found = ckpt.find_checkpoints(where)
+    if not found:
+        if explicit:
+            raise CheckpointError(f"no checkpoint (checkpoints/step_*.json) found in {where}")
+        return None  # resume=true before the first checkpoint: start fresh
+    problems = []
+    for path in reversed(found):
+        try:
+            loaded = ckpt.load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=3)
+            continue
+        return loaded
+    raise CheckpointError(
+        f"no intact checkpoint in {where} ({len(found)} found, all damaged; newest: {problems[0]})"
     )
 
 
@@ -785,15 +945,26 @@ def _config_diff(a: Any, b: Any, path: str = "model") -> str | None:
     return None
 
 
-def _restore(loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world) -> int:
+#: the parts of a run's config that a resumed run must share with its checkpoint
+RESUME_KEYS = ("model", "sde", "loss")
+
+
+def _restore(
+    loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world, allow_config_change=False
+) -> int:
     """Check a loaded checkpoint against this run and load it; returns its step."""
     tensors, meta = loaded
     path = meta["path"]
     old_cfg, new_cfg = meta.get("config") or {}, config or {}
-    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "model" in old_cfg and "model" in new_cfg:
-        diff = _config_diff(old_cfg["model"], new_cfg["model"])
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was written for a different model config ({diff})")
+    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and not allow_config_change:
+        for key in RESUME_KEYS:
+            if key in old_cfg and key in new_cfg:
+                diff = _config_diff(old_cfg[key], new_cfg[key], key)
+                if diff:
+                    raise CheckpointError(
+                        f"checkpoint {path} was written for a different {key} config ({diff}); resume with "
+                        f"the run's own {key} config, or pass train.allow_config_change=true"
+                    )
     ckpt.check_state_dict(model, ckpt.prefixed(tensors, "model"), "model", path)
     ema_t = ckpt.prefixed(tensors, "ema")
     if ema is not None:

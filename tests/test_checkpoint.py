@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -16,10 +17,12 @@ from sdediff.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    metadata_digest,
     resolve_checkpoint,
     save_checkpoint,
     unflatten_optimizer,
 )
+from sdediff.errors import TrainingError
 from sdediff.train import train
 
 
@@ -134,6 +137,15 @@ def _pickle_in_disguise(d):
     meta = json.loads(j.read_text())
     blob = p.read_bytes()
     meta["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    meta["meta_sha256"] = metadata_digest(meta)  # a consistent forgery: the tensor reader must refuse it
+    j.write_text(json.dumps(meta))
+
+
+def _edit_json(d):
+    """The JSON edited by hand (its own hash no longer matches)."""
+    j = d / "checkpoints" / "step_0000006.json"
+    meta = json.loads(j.read_text())
+    meta["train"]["item_shape"] = [5]
     j.write_text(json.dumps(meta))
 
 
@@ -145,9 +157,11 @@ def _pickle_in_disguise(d):
         (_foreign_json, r"step_0000006\.json is not an sdediff checkpoint"),
         (_drop_tensors, r"step_0000006\.safetensors is missing"),
         (_pickle_in_disguise, r"cannot read checkpoint tensor file .*step_0000006\.safetensors"),
+        (_edit_json, r"step_0000006\.json was altered or is corrupt"),
     ],
 )
 def test_damaged_checkpoint_one_error_nothing_touched(run_dir, damage, message):
+    """Resuming from a damaged checkpoint named explicitly: one error, nothing touched."""
     damage(run_dir)
     before = _snapshot(run_dir)
     calls = []
@@ -157,7 +171,7 @@ def test_damaged_checkpoint_one_error_nothing_touched(run_dir, damage, message):
             _loss,
             _data(),
             out_dir=run_dir,
-            resume=True,
+            resume=run_dir / "checkpoints" / "step_0000006.json",
             config=CFG,
             callback=lambda *a: calls.append(1),
             **{**KW, "steps": 9},
@@ -185,12 +199,17 @@ def test_foreign_checkpoint_one_error_nothing_touched(run_dir, model, config, me
     assert _snapshot(run_dir) == before
 
 
-def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        train(_model(), _loss, _data(), out_dir=tmp_path, resume=True, **KW)
+def test_resume_true_before_the_first_checkpoint_starts_fresh(tmp_path):
+    fresh = train(_model(), _loss, _data(), out_dir=tmp_path / "a", resume=True, config=CFG, **KW)
+    plain = train(_model(), _loss, _data(), out_dir=tmp_path / "b", config=CFG, **KW)
+    assert fresh.start_step == 0 and fresh.extra["resumed_from"] is None
+    assert torch.equal(fresh.losses, plain.losses)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.json"):
         train(_model(), _loss, _data(), resume=tmp_path / "nope.json", **KW)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint .* found in .*empty"):
+        train(_model(), _loss, _data(), resume=tmp_path / "empty", **KW)
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_resume_from_an_explicit_file_into_a_new_directory(run_dir, tmp_path_factory):
@@ -208,3 +227,124 @@ def test_resume_from_an_explicit_file_into_a_new_directory(run_dir, tmp_path_fac
     a, _ = load_checkpoint(run_dir)
     b, _ = load_checkpoint(new)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- runs that lose nothing ---------------------------------------------------------------------------
+def test_resume_of_a_finished_run_does_nothing_and_writes_nothing(run_dir):
+    before = _snapshot(run_dir)
+    res = train(_model(), _loss, _data(), out_dir=run_dir, resume=True, config=CFG, **KW)
+    assert res.extra["nothing_to_do"] and res.start_step == res.step == 6 and len(res.losses) == 0
+    assert res.checkpoint.name == "step_0000006.json"
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(run_dir, tmp_path_factory):
+    _truncate(run_dir)  # the newest, step 6
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step_0000006\.json: .*truncated"):
+        res = train(_model(), _loss, _data(), out_dir=run_dir, resume=True, config=CFG, **{**KW, "steps": 9})
+    assert res.start_step == 3 and res.step == 9
+    ref = tmp_path_factory.mktemp("ref")
+    train(_model(), _loss, _data(), out_dir=ref, config=CFG, **{**KW, "steps": 9})
+    a, _ = load_checkpoint(run_dir)
+    b, _ = load_checkpoint(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never damaged
+    # every checkpoint damaged: one error naming the newest problem
+    for p in (run_dir / "checkpoints").glob("*.safetensors"):
+        p.write_bytes(b"garbage")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(CheckpointError, match="no intact checkpoint .* all damaged"),
+    ):
+        train(_model(), _loss, _data(), out_dir=run_dir, resume=True, config=CFG, **{**KW, "steps": 12})
+
+
+def test_stale_temporary_and_orphan_files_are_removed_on_start(run_dir):
+    ck = run_dir / "checkpoints"
+    dead = ck / ".step_0000009.safetensors.tmp-999999999"  # no such process
+    dead.write_bytes(b"half a write")
+    orphan = ck / "step_0000009.safetensors"  # tensors whose JSON (the commit marker) never came
+    orphan.write_bytes(b"tensors without their JSON")
+    alive = ck / f".step_0000009.json.tmp-{os.getpid()}"  # a live writer's file is left alone
+    alive.write_bytes(b"")
+    train(_model(), _loss, _data(), out_dir=run_dir, resume=True, config=CFG, **{**KW, "steps": 7})
+    assert not dead.exists() and not orphan.exists() and alive.exists()
+    assert [p.name for p in find_checkpoints(run_dir)][-1] == "step_0000007.json"
+
+
+def _blow_up_at(step):
+    """A loss that is finite until ``step`` (1-based), then NaN (a diverging run)."""
+    calls = {"n": 0}
+
+    def loss(model, x, generator=None):
+        calls["n"] += 1
+        out = _loss(model, x, generator)
+        return out * float("nan") if calls["n"] >= step else out
+
+    return loss
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_a_blow_up_never_saves_nan_nor_evicts_a_good_checkpoint(tmp_path, keep):
+    """ckpt_every (2) below log_every (100): the finiteness check must run before every write."""
+    kw = {**KW, "steps": 12, "ckpt_every": 2, "log_every": 100}
+    with pytest.raises(
+        TrainingError, match=r"the loss became nan at step 7 .*last good checkpoint is .*step_0000006"
+    ):
+        train(_model(), _blow_up_at(7), _data(), out_dir=tmp_path, config=CFG, keep_checkpoints=keep, **kw)
+    names = [p.name for p in find_checkpoints(tmp_path)]
+    assert names[-1] == "step_0000006.json" and len(names) == keep
+    for p in find_checkpoints(tmp_path):
+        tensors, _ = load_checkpoint(p)
+        assert all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+def test_a_blow_up_on_resume_keeps_the_checkpoint_resumed_from(run_dir):
+    before = _snapshot(run_dir)
+    with pytest.raises(TrainingError, match=r"last good checkpoint is .*step_0000006\.json"):
+        train(
+            _model(),
+            _blow_up_at(1),
+            _data(),
+            out_dir=run_dir,
+            resume=True,
+            config=CFG,
+            **{**KW, "steps": 12, "ckpt_every": 1},
+        )
+    after = _snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k.startswith("checkpoints/")} == {
+        k: v for k, v in before.items() if k.startswith("checkpoints/")
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "message"),
+    [
+        (
+            "sde",
+            {"schedule": "VE"},
+            r"different sde config \(sde\.schedule: checkpoint has 'LinearVP', this run 'VE'\)",
+        ),
+        ("loss", {"weighting": "elbo"}, r"different loss config \(loss\.weighting: checkpoint has 'simple'"),
+        ("model", {"hidden": 9}, r"different model config \(model\.hidden: checkpoint has 8, this run 9\)"),
+    ],
+)
+def test_resume_with_another_model_sde_or_loss_config_is_refused(tmp_path, key, change, message):
+    cfg = {"model": {"hidden": 8}, "sde": {"schedule": "LinearVP"}, "loss": {"weighting": "simple"}}
+    train(_model(), _loss, _data(), out_dir=tmp_path, config=cfg, **KW)
+    before = _snapshot(tmp_path)
+    other = {**cfg, key: {**cfg[key], **change}}
+    with pytest.raises(CheckpointError, match=message + r".*train\.allow_config_change=true"):
+        train(_model(), _loss, _data(), out_dir=tmp_path, resume=True, config=other, **{**KW, "steps": 9})
+    assert _snapshot(tmp_path) == before
+    if key != "model":  # the explicit override continues (the weights still fit)
+        res = train(
+            _model(),
+            _loss,
+            _data(),
+            out_dir=tmp_path,
+            resume=True,
+            config=other,
+            allow_config_change=True,
+            **{**KW, "steps": 9},
+        )
+        assert res.start_step == 6 and res.step == 9

@@ -15,11 +15,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import sdediff as sd
 from sdediff.checkpoint import find_checkpoints
 from sdediff.cli import sample as sample_cli
 from sdediff.cli import train as train_cli
 from sdediff.cli._common import build, config_dir, train_kwargs
 from sdediff.data import as_tensor
+from sdediff.errors import TrainingError
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 FAST = [
@@ -142,30 +144,11 @@ def test_toy2d_end_to_end_in_a_subprocess(tmp_path):
         cmd + ["train.lr=-1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "sdediff-train: error: train.lr must be > 0, got -1"
-    assert len(list((tmp_path / "outputs").glob("*/*/checkpoints"))) == 1
+    assert bad.stderr.strip() == "sdediff-train: error: train.lr=-1: must be > 0"
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1  # the failed run left no folder
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("train.steps=0", "train.steps must be >= 1, got 0"),
-        ("train.precision=fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16'"),
-        ("train.batch_size=30000", "train.batch_size=30000 is larger than the data set (20000 items)"),
-        ("+train.nonsense=1", "unknown train option(s) ['nonsense']"),
-        ("eval.likelihood=elbo", "eval.likelihood must be null, nll or bpd, got 'elbo'"),
-        ("data.name=spiral", "data: unknown toy2d distribution 'spiral'"),
-        ("experiment=cifar10", "data.root is not set"),
-    ],
-)
-def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, override, message):
-    cfg = _compose(override, "train.progress=false", f"out_dir={tmp_path}")
-    with pytest.raises(SystemExit) as e:
-        train_cli.run(cfg)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sdediff-train: error: ") and message in err and "\n" not in err
-    assert not (tmp_path / "checkpoints").exists()
+# the table of bad inputs (one line, exit 2, nothing written) is tests/test_bad_inputs.py
 
 
 def test_nan_in_data_is_one_line(tmp_path, capsys):
@@ -221,3 +204,33 @@ def test_sample_cli_reads_a_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "step_0000040.safetensors is truncated or altered" in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_of_a_finished_run_is_a_clean_nothing_to_do(tmp_path, capsys):
+    overrides = [*FAST, "eval.likelihood=null", "eval.baseline=null", f"out_dir={tmp_path / 'run'}"]
+    first = train_cli.run(_compose(*overrides))
+    report = (tmp_path / "run" / "report.json").read_bytes()
+    capsys.readouterr()
+    again = train_cli.run(_compose(*overrides, "train.resume=true"))
+    out = capsys.readouterr().out
+    assert "nothing to do (report.json left as it is)" in out
+    assert (tmp_path / "run" / "report.json").read_bytes() == report
+    assert again["train"] == first["train"]
+
+
+def test_non_finite_samples_stop_with_one_line_and_write_nothing(tmp_path):
+    cfg = _compose(*FAST, "eval.likelihood=null", "eval.baseline=null")
+    objs = build(cfg)
+
+    class Diverged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            return torch.full_like(x, float("nan")) + self.w
+
+    model = sd.Model(Diverged(), "eps")
+    with pytest.raises(TrainingError, match=r"sampler=ancestral: 100 of 100 samples are not finite"):
+        train_cli.evaluate(cfg, model, objs["sde"], objs["sampler"], as_tensor(objs["data"]), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -473,7 +473,7 @@ def _message(excinfo):
         ({"prediction": "noise"}, "prediction must be one of"),
         ({"time_sampling": "cosine"}, "time_sampling must be one of"),
         ({"reduction": "avg"}, "reduction must be one of"),
-        ({"weighting": "vlb"}, "weighting='vlb'"),
+        ({"weighting": "vlb"}, "weighting needs a DiscreteVP schedule"),
         ({"discrete": True}, "discrete=True"),
         ({"t_min": -0.1}, "t_min"),
         ({"t_min": 0.5, "t_max": 0.4}, "t_min"),

@@ -114,7 +114,7 @@ def test_an_iterable_of_batches_trains_and_resumes(tmp_path):
 def test_refuses_to_train_over_an_earlier_run(tmp_path):
     train(_mlp(), noisy_loss, _toy_regression(), steps=4, out_dir=tmp_path, **KW)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="must not hold checkpoints of another run"):
         train(_mlp(), noisy_loss, _toy_regression(), steps=4, out_dir=tmp_path, **KW)
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
 
@@ -126,7 +126,7 @@ def test_refuses_to_train_over_an_earlier_run(tmp_path):
         ({"lr": float("nan")}, "train.lr must be finite"),
         ({"steps": 0}, "train.steps must be >= 1"),
         ({"precision": "fp8"}, "train.precision must be one of"),
-        ({"batch_size": 100}, "larger than the data set"),
+        ({"batch_size": 100}, r"train.batch_size must be <= the data set.s size \(64 items\)"),
         ({"ema_decay": 1.0}, "train.ema_decay must be < 1"),
         ({"grad_clip": 0}, "train.grad_clip must be > 0"),
         ({"ckpt_every": -1}, "train.ckpt_every must be >= 0"),

@@ -7,8 +7,10 @@
 The checkpoint (safetensors + JSON, read without unpickling) carries the run's config: the model is
 rebuilt from it and given the EMA weights (``weights=ema``, default) or the raw ones; the SDE is the
 run's unless ``sde=...`` is given. Writes ``samples.npz`` and ``samples.png`` (an image grid, or a
-scatter plot for 2-D points) to hydra's run directory (or ``out_dir=...``). A missing or corrupt
-checkpoint stops with one line on stderr and exit status 2.
+scatter plot for 2-D points) to hydra's run directory (or ``out_dir=...``). A missing, corrupt or
+edited checkpoint, a stored config naming anything but sdediff's own constructors (see
+``trusted_targets``) and every bad option stop with one line on stderr and exit status 2, before
+anything is built or written.
 """
 
 from __future__ import annotations
@@ -19,13 +21,24 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
-from ..train import ConfigError
+from ..checkpoint import CheckpointError, check_state_dict, load_checkpoint, model_weights, resolve_checkpoint
+from ..errors import ArgumentError
+from ..train import resolve_device
 from . import _report
-from ._common import clean_errors, config_dir, output_dir
+from ._common import (
+    build_from_checkpoint,
+    check_out_dir,
+    check_sampler,
+    check_seed,
+    clean_errors,
+    config_dir,
+    instantiate_at,
+    output_dir,
+    preflight,
+)
+from .train import _check_finite_samples
 
 PROG = "sdediff-sample"
 
@@ -43,54 +56,64 @@ def _sde_overridden() -> bool:
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Sample as ``cfg`` says; returns ``{"samples": tensor, "paths": ..., ...}``."""
-    with clean_errors(PROG):
+    with clean_errors(PROG, cfg):
         return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
+
+
+def _item_shape(meta: dict, path) -> tuple[int, ...]:
+    shape = (meta.get("train") or {}).get("item_shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} records no valid item shape (train.item_shape = {shape!r}); "
+            "the file is corrupt"
+        )
+    return tuple(shape)
 
 
 def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
+    # -- everything checked before the checkpoint's tensors are read or anything is built ---------------
     if cfg.weights not in ("ema", "model"):
-        raise ConfigError(f"weights must be ema or model, got {cfg.weights!r}")
+        raise ArgumentError("weights", cfg.weights, "must be ema or model")
     for key in ("n", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    path = resolve_checkpoint(str(cfg.ckpt))
-    # the config stored with the checkpoint rebuilds the model (read from the JSON alone, no tensors yet)
-    import json
-
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ArgumentError(key, cfg[key], "must be an integer >= 1")
+    seed = check_seed(cfg.seed)
+    device = resolve_device(cfg.device, 0, "device")
+    check_out_dir(cfg)
+    trusted = tuple(str(t) for t in (cfg.get("trusted_targets") or ()))
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not valid JSON ({e}); the file is corrupt"
-        ) from None
-    run_cfg = meta.get("config") if isinstance(meta, dict) else None
-    if not isinstance(run_cfg, dict) or "model" not in run_cfg or "sde" not in run_cfg:
-        raise CheckpointError(
-            f"checkpoint {path} holds no model/sde config (it was not written by sdediff-train); "
-            "load its weights with sdediff.checkpoint.load_model_weights into a model you build yourself"
-        )
-    run_cfg = OmegaConf.create(run_cfg)
-    model = instantiate(run_cfg.model)
-    meta = load_model_weights(model, path, cfg.weights)
-    sde = instantiate(cfg.sde if sde_from_config else run_cfg.sde)
-    sampler = instantiate(cfg.sampler)
-    shape = tuple((meta.get("train") or {}).get("item_shape") or ())
-    if not shape:
-        raise CheckpointError(f"checkpoint {path} does not record the data's item shape")
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+        path = resolve_checkpoint(str(cfg.ckpt))
+        # the JSON (its own hash) and the tensors (size and hash) are verified before anything is
+        # built; the stored config is data: rebuilt only from allow-listed sdediff constructors
+        tensors, meta = load_checkpoint(path)
+        shape = _item_shape(meta, path)
+    except CheckpointError as e:
+        raise ArgumentError("ckpt", cfg.ckpt, str(e)) from None
+    keys = ("model",) if sde_from_config else ("model", "sde")
+    objs = build_from_checkpoint(meta.get("config"), keys, str(path), trusted)
+    model = objs["model"]
+    weights = model_weights(tensors, cfg.weights)
+    check_state_dict(model, weights, cfg.weights, meta["path"])
+    model.load_state_dict(weights)
+    sde = instantiate_at(cfg.sde, "sde") if sde_from_config else objs["sde"]
+    sampler = instantiate_at(cfg.sampler, "sampler")
+    check_sampler(sampler, sde, shape)
+
+    # -- sample ---------------------------------------------------------------------------------------
     model = model.to(device).eval()
-    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    g = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     with torch.no_grad():
         for start in range(0, cfg.n, cfg.batch_size):
             b = min(cfg.batch_size, cfg.n - start)
             chunks.append(sampler(model, sde, shape=(b, *shape), generator=g).cpu())
     samples = torch.cat(chunks)
+    _check_finite_samples(samples, sampler.name, "nothing was written")
     out = output_dir(cfg)
     title = f"{Path(meta['path']).name} ({cfg.weights}): {sampler.name}, {sampler.steps} steps"
     paths = _report.save_samples(samples, None, out, title)
@@ -110,6 +133,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``sdediff-sample``."""
+    preflight(PROG, "sample_checkpoint")
     _main()
 
 

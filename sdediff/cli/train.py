@@ -10,7 +10,10 @@ The config lives in the installed package (``sdediff.configs``, the repository's
 ``experiment`` preset. Outputs go to hydra's run directory (``outputs/<date>/<time>`` under the working
 directory; ``out_dir=...`` or ``hydra.run.dir=...`` to choose): ``metrics.csv``, ``checkpoints/``,
 ``samples.png``/``samples.npz`` and ``report.json``. ``train.resume=<run dir or checkpoint>`` continues
-a run. Bad values stop the run before training with one line on stderr and exit status 2.
+a run; ``out_dir=<run> train.resume=true`` is idempotent (a fresh start before the first checkpoint,
+"nothing to do" with report.json untouched once finished). Bad values stop the run before training
+with one line on stderr, ``sdediff-train: error: <key>=<value>: <what is allowed>``, and exit status 2;
+nothing is written then (not even hydra's run directory).
 """
 
 from __future__ import annotations
@@ -23,52 +26,96 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ..checkpoint import CheckpointError
 from ..data import as_tensor
-from ..train import ConfigError, dist_env, train, validate
+from ..errors import ArgumentError, TrainingError
+from ..train import dist_env, train, validate
 from . import _report
-from ._common import build, clean_errors, config_dir, output_dir, to_plain, train_kwargs
+from ._common import (
+    build,
+    check_out_dir,
+    check_seed,
+    clean_errors,
+    config_dir,
+    instantiate_at,
+    output_dir,
+    preflight,
+    to_plain,
+    train_kwargs,
+)
 
 PROG = "sdediff-train"
 LIKELIHOODS = (None, "nll", "bpd")
 BASELINES = (None, "gaussian", "gmm")
 
 
+def _int(ev: DictConfig, key: str, lo: int) -> None:
+    v = ev[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ArgumentError(
+            f"eval.{key}", v, "must be a non-negative integer" if lo == 0 else "must be an integer >= 1"
+        )
+
+
 def _check_eval(ev: DictConfig) -> None:
     if ev.likelihood not in LIKELIHOODS:
-        raise ConfigError(f"eval.likelihood must be null, nll or bpd, got {ev.likelihood!r}")
+        raise ArgumentError("eval.likelihood", ev.likelihood, "must be null, nll or bpd")
     if ev.baseline not in BASELINES:
-        raise ConfigError(f"eval.baseline must be null, gaussian or gmm, got {ev.baseline!r}")
+        raise ArgumentError("eval.baseline", ev.baseline, "must be null, gaussian or gmm")
     if ev.likelihood and ev.get("test_data") is None:
-        raise ConfigError(f"eval.likelihood={ev.likelihood} needs eval.test_data (a data config)")
+        raise ArgumentError(
+            "eval.test_data", None, f"must be a data config when eval.likelihood={ev.likelihood}"
+        )
     if ev.baseline == "gmm" and (ev.likelihood != "bpd" or ev.get("val_data") is None):
-        raise ConfigError(
-            "eval.baseline=gmm needs eval.likelihood=bpd and eval.val_data (the selection split)"
+        raise ArgumentError(
+            "eval.baseline", "gmm", "needs eval.likelihood=bpd and eval.val_data (the selection split)"
         )
     for key in ("n_samples", "n_test"):
-        if not isinstance(ev[key], int) or ev[key] < 0:
-            raise ConfigError(f"eval.{key} must be a non-negative integer, got {ev[key]!r}")
-    if not isinstance(ev.batch_size, int) or ev.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be a positive integer, got {ev.batch_size!r}")
+        _int(ev, key, 0)
+    for key in ("batch_size", "probes", "repeats"):
+        _int(ev, key, 1)
     if ev.trace not in ("exact", "hutchinson"):
-        raise ConfigError(f"eval.trace must be exact or hutchinson, got {ev.trace!r}")
-    for key in ("probes", "repeats"):
-        if not isinstance(ev[key], int) or ev[key] < 1:
-            raise ConfigError(f"eval.{key} must be a positive integer, got {ev[key]!r}")
-    for key in ("rtol", "atol"):
-        if not isinstance(ev[key], float | int) or not ev[key] > 0:
-            raise ConfigError(f"eval.{key} must be a positive number, got {ev[key]!r}")
+        raise ArgumentError("eval.trace", ev.trace, "must be exact or hutchinson")
+    for key in ("rtol", "atol", "t_eps"):
+        v = ev[key]
+        if isinstance(v, bool) or not isinstance(v, float | int) or not (math.isfinite(v) and v > 0):
+            raise ArgumentError(f"eval.{key}", v, "must be a positive number")
+    check_seed(ev.seed, "eval.seed")
 
 
 def _likelihood_kwargs(ev: DictConfig) -> dict[str, Any]:
     return {"trace": ev.trace, "probes": ev.probes, "rtol": ev.rtol, "atol": ev.atol, "t_eps": ev.t_eps}
 
 
-def evaluate(cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, log=print) -> dict[str, Any]:
+def eval_data(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluation splits ``cfg.eval`` names, loaded up front (a bad data config must stop the run
+    before training, not after)."""
+    ev = cfg.eval
+    out = {"test": None, "val": None}
+    if ev.likelihood:
+        out["test"] = as_tensor(instantiate_at(ev.test_data, "eval.test_data"))
+    if ev.baseline == "gmm":
+        out["val"] = as_tensor(instantiate_at(ev.val_data, "eval.val_data"))
+    return out
+
+
+def _check_finite_samples(samples: torch.Tensor, name: str, where: str) -> None:
+    bad = int((~torch.isfinite(samples.reshape(len(samples), -1)).all(1)).sum())
+    if bad:
+        raise TrainingError(
+            f"sampler={name}: {bad} of {len(samples)} samples are not finite (NaN or inf); the model or the "
+            f"sampler diverged ({where}); try another sampler, more steps or another t_min"
+        )
+
+
+def evaluate(
+    cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, log=print, data=None
+) -> dict[str, Any]:
     """The end-of-run report that ``cfg.eval`` asks for: samples figure, test likelihood, baseline."""
     ev = cfg.eval
+    data = data if data is not None else eval_data(cfg)
     model = model.eval()
     dev = next(model.parameters()).device
     report: dict[str, Any] = {}
@@ -77,6 +124,9 @@ def evaluate(cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, l
         g = torch.Generator(device=dev).manual_seed(int(ev.seed))
         with torch.no_grad():
             samples = sampler(model, sde, shape=(ev.n_samples, *train_x.shape[1:]), generator=g)
+        _check_finite_samples(
+            samples, getattr(sampler, "name", "?"), "nothing was written but the checkpoints"
+        )
         shown = train_x[: max(ev.n_samples, 2000) if train_x.ndim == 2 else ev.n_samples]
         name, n_steps = getattr(sampler, "name", "sampler"), getattr(sampler, "steps", "?")
         title = f"{cfg.get('name', '')}: {name}, {n_steps} steps"
@@ -85,7 +135,7 @@ def evaluate(cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, l
         log(f"{PROG}: {ev.n_samples} samples -> {report['samples'].get('png', report['samples']['npz'])}")
     if ev.likelihood:
         t = time.perf_counter()
-        test_x = as_tensor(instantiate(ev.test_data))[: ev.n_test or None]
+        test_x = data["test"][: ev.n_test or None]
         g = torch.Generator(device=dev).manual_seed(int(ev.seed) + 1)
         kw = _likelihood_kwargs(ev)
         if ev.likelihood == "nll":
@@ -110,7 +160,7 @@ def evaluate(cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, l
             log(f"{PROG}: baseline: the full-covariance Gaussian of the training set has test NLL {nll:.4f}")
         elif ev.baseline == "gmm":
             t = time.perf_counter()
-            val_x = as_tensor(instantiate(ev.val_data))
+            val_x = data["val"]
             log(f"{PROG}: fitting Gaussian mixtures to the dequantized training set (chosen on validation)")
             gmm = _report.gmm_bits_per_dim(
                 train_x.cpu(),
@@ -133,14 +183,16 @@ def evaluate(cfg: DictConfig, model, sde, sampler, train_x: torch.Tensor, out, l
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and report as ``cfg`` says; returns the report (also written to ``<out>/report.json``)."""
-    with clean_errors(PROG):
+    with clean_errors(PROG, cfg):
         return _run(cfg)
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     world, rank, _ = dist_env()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = _logger(rank)
+    check_seed(cfg.seed)
+    check_out_dir(cfg)
     kwargs = train_kwargs(cfg.train)
     checked = inspect.signature(validate).parameters
     validate(**{k: v for k, v in kwargs.items() if k in checked}, world_size=world)
@@ -148,13 +200,28 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     objs = build(cfg)
     model, data = objs["model"], objs["data"]
+    splits = eval_data(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{PROG}: {cfg.get('name', 'run')}: {len(data)} training items of shape {tuple(data[0][0].shape)}, "
         f"{type(getattr(model, 'net', model)).__name__} with {n_params:,} parameters, "
         f"{kwargs.get('steps')} steps of {kwargs.get('batch_size')}; output in {out}"
     )
-    result = train(model, objs["loss"], data, out_dir=out, config=to_plain(cfg), **kwargs)
+    try:
+        result = train(model, objs["loss"], data, out_dir=out, config=to_plain(cfg), **kwargs)
+    except CheckpointError as e:  # every checkpoint train() reads is the one to resume
+        raise ArgumentError("train.resume", kwargs.get("resume"), str(e)) from None
+    if result.extra.get("nothing_to_do"):
+        log(
+            f"{PROG}: {result.checkpoint} is already at step {result.step} >= "
+            f"train.steps={kwargs.get('steps')}; nothing to do (report.json left as it is)"
+        )
+        old = out / "report.json"
+        return (
+            json.loads(old.read_text()) if old.is_file() else {"name": cfg.get("name"), "nothing_to_do": True}
+        )
+    if result.start_step:
+        log(f"{PROG}: resumed from {result.extra['resumed_from']} at step {result.start_step}")
     last = result.losses[-int(kwargs.get("log_every", 100)) :]
     report: dict[str, Any] = {
         "name": cfg.get("name"),
@@ -171,11 +238,27 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     }
     if rank != 0:
         return report
-    report.update(evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log))
+    report.update(
+        evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log, splits)
+    )
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     log(_summary(report))
     return report
+
+
+def _logger(rank: int):
+    """Print on rank 0 and send the same line to hydra's job log (the run's ``<job>.log``)."""
+    import logging
+
+    logger = logging.getLogger("sdediff")
+
+    def log(msg: str, *args, **kwargs) -> None:
+        if rank == 0:
+            print(msg, *args, **kwargs)
+            logger.info(msg)
+
+    return log
 
 
 def _fmt(x: float, se: float) -> str:
@@ -186,8 +269,8 @@ def _summary(r: dict[str, Any]) -> str:
     tr = r["train"]
     parts = [
         f"{PROG}: done in {r['seconds']:.1f} s",
-        f"{tr['steps']} steps ({tr['seconds']:.1f} s, "
-        f"{tr['samples_per_s']:,.0f} samples/s), final loss {tr['final_loss']:.4g}",
+        f"{tr['steps']} steps ({tr['seconds']:.1f} s, {tr['samples_per_s']:,.0f} samples/s)"
+        + (f", final loss {tr['final_loss']:.4g}" if tr.get("final_loss") is not None else ""),
     ]
     lk = r.get("likelihood")
     if lk and lk["kind"] == "nll":
@@ -211,6 +294,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``sdediff-train``."""
+    preflight(PROG, "config")
     _main()
 
 
