@@ -7,8 +7,9 @@ One import gives the public API::
     x = sd.sample(model, sde, sampler="dpm_solver", steps=20, shape=(16, 3, 32, 32))
 """
 
-from . import data, nets, oracle, timegrids
+from . import data, errors, nets, oracle, timegrids
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .errors import ArgumentError, ConfigError, TrainingError
 from .likelihood import (
     bits_per_dim,
     continuous_elbo,
@@ -24,11 +25,12 @@ from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
 from .timegrids import get_times
-from .train import ConfigError, TrainingError, TrainResult
+from .train import TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "ConfigError",
     "TrainResult",
@@ -59,6 +61,7 @@ __all__ = [
     "convert",
     "data",
     "discrete_vlb",
+    "errors",
     "get_times",
     "kg_weight",
     "likelihood_report",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from sdediff.checkpoint import metadata_digest
@@ -598,6 +599,8 @@ def test_the_table_is_big_enough():
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_one_line_exit_2_nothing_written(ws, tmp_path, monkeypatch, case):
     prog, args, expected = case
+    if "device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is valid here")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -637,3 +640,11 @@ def test_a_trusted_target_is_built_when_the_user_says_so(ws, tmp_path, monkeypat
     )
     assert code == 0, err
     assert (tmp_path / "s" / "samples.npz").is_file()
+
+
+def test_a_failed_run_never_removes_the_working_directory(tmp_path, monkeypatch):
+    """hydra.run.dir=. makes the working directory the run directory: a failure must leave it be."""
+    monkeypatch.chdir(tmp_path)
+    code, err = _run_main("train", ["hydra.run.dir=.", "train.lr=-1"])
+    assert code == 2 and "train.lr=-1: must be > 0" in err
+    assert tmp_path.is_dir() and Path.cwd() == tmp_path

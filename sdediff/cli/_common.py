@@ -27,6 +27,7 @@ import inspect
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,6 +57,7 @@ __all__ = [
     "to_plain",
     "train_kwargs",
     "output_dir",
+    "run_logger",
 ]
 
 
@@ -204,23 +206,34 @@ def describe(e: BaseException, cfg: DictConfig | None = None, prefix: str | None
     return str(e)
 
 
+_STARTED = time.time()
+
+
 def _drop_fresh_run_dir() -> None:
     """Remove the run directory hydra made for this run if it holds nothing but hydra's own files
-    (``.hydra/`` and the job's empty or hydra-only log), and then its parents if they are empty."""
+    (``.hydra/`` and the job's log), all written by this process; then its ``outputs/<date>`` parents
+    under the working directory if they are left empty. The working directory itself, or a folder
+    holding anything older than this process, is never removed."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
     except ValueError:  # not under hydra's runtime (tests, library use)
         return
-    run = Path(hc.runtime.output_dir)
-    if not run.is_dir():
+    run = Path(hc.runtime.output_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if not run.is_dir() or run == cwd or run in cwd.parents:
         return
     own = {".hydra", f"{hc.job.name}.log"}
     if any(p.name not in own for p in run.iterdir()):
         return
+    if any(p.stat().st_mtime < _STARTED - 1.0 for p in run.rglob("*")):
+        return  # something there predates this run
     shutil.rmtree(run, ignore_errors=True)
-    for parent in list(run.parents)[:2]:  # outputs/<date>/<time>: the date and outputs folders
+    outputs = cwd / "outputs"
+    for parent in run.parents:
+        if parent == outputs.parent or outputs not in (parent, *parent.parents):
+            break
         try:
             parent.rmdir()  # only if empty
         except OSError:
@@ -534,6 +547,22 @@ def build_from_checkpoint(
         except (InstantiationException, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint {source}: cannot rebuild its {key} ({describe(e)})") from None
     return out
+
+
+def run_logger(rank: int = 0):
+    """Print on rank 0 and append the same line to the run's log file (hydra's ``<job>.log``)."""
+    import logging
+
+    def log(msg: str, *args, **kwargs) -> None:
+        if rank != 0:
+            return
+        print(msg, *args, **kwargs)
+        record = logging.LogRecord("sdediff", logging.INFO, __file__, 0, msg, None, None)
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.FileHandler):
+                h.handle(record)
+
+    return log
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -37,6 +37,7 @@ from ._common import (
     instantiate_at,
     output_dir,
     preflight,
+    run_logger,
 )
 from .train import _check_finite_samples
 
@@ -118,7 +119,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     title = f"{Path(meta['path']).name} ({cfg.weights}): {sampler.name}, {sampler.steps} steps"
     paths = _report.save_samples(samples, None, out, title)
     took = time.perf_counter() - t0
-    print(
+    run_logger()(
         f"{PROG}: {cfg.n} samples of shape {shape} from {meta['path']} (step {meta['step']}, {cfg.weights} "
         f"weights) with {sampler.name} ({sampler.steps} steps) in {took:.1f} s -> "
         f"{paths.get('png', paths['npz'])}"

@@ -42,6 +42,7 @@ from ._common import (
     instantiate_at,
     output_dir,
     preflight,
+    run_logger,
     to_plain,
     train_kwargs,
 )
@@ -190,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     world, rank, _ = dist_env()
-    log = _logger(rank)
+    log = run_logger(rank)
     check_seed(cfg.seed)
     check_out_dir(cfg)
     kwargs = train_kwargs(cfg.train)
@@ -245,20 +246,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     log(_summary(report))
     return report
-
-
-def _logger(rank: int):
-    """Print on rank 0 and send the same line to hydra's job log (the run's ``<job>.log``)."""
-    import logging
-
-    logger = logging.getLogger("sdediff")
-
-    def log(msg: str, *args, **kwargs) -> None:
-        if rank == 0:
-            print(msg, *args, **kwargs)
-            logger.info(msg)
-
-    return log
 
 
 def _fmt(x: float, se: float) -> str:
