@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU suite in one call (see benchmarks/gpu_suite.py): installs what the GPU image lacks from the
+# wheels carried in .whl/ (no registry is reachable there), then runs every part and writes the report
+# to $OUT (default: ./gpu_suite_out).
+#
+#   bash benchmarks/gpu_suite.sh               # on the GPU machine (about 9 minutes)
+#   bash benchmarks/gpu_suite.sh --cpu-smoke   # every part on tiny nets on the CPU (< 1 minute)
+#
+# Preparing the wheels on a machine with a registry (Python 3.12 for the GPU image):
+#   pip download --dest .whl --python-version 3.12 --only-binary=:all: torchsde hydra-core safetensors \
+#       torchdiffeq scikit-learn trampoline antlr4-python3-runtime omegaconf --no-deps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_suite_out}"
+mkdir -p "$OUT"
+missing=$("${PYTHON:-python3}" - <<'PY'
+import importlib.util
+need = ["torchsde", "torchdiffeq", "hydra", "omegaconf", "safetensors", "sklearn", "scipy", "tqdm", "matplotlib"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  if [ -d .whl ]; then
+    echo "gpu_suite: installing from .whl/: $missing"
+    "${PYTHON:-python3}" -m pip install --quiet --no-index --find-links .whl torchsde hydra-core || true
+  else
+    echo "gpu_suite: missing $missing and no .whl/ folder of wheels; the parts that need them will fail"
+  fi
+fi
+# sdediff itself from this tree, without touching the image's torch
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"${PYTHON:-python3}" benchmarks/gpu_suite.py --out "$OUT" "$@"
