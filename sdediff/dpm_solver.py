@@ -58,6 +58,7 @@ from torch import Tensor
 
 from .errors import ArgumentError
 from .models import as_model, raw_net
+from .parameterization import affine
 from .sde import coef_dtype
 
 __all__ = ["dpm_solver", "step_weights"]
@@ -241,15 +242,7 @@ def _plan(
 
     def x0_coef(i):
         """x0 = u x + v out for the network's prediction kind at time t_i."""
-        a, s = alpha[i], sigma[i]
-        if prediction == "eps":
-            return 1.0 / a, -s / a
-        if prediction == "x0":
-            return 0.0, 1.0
-        if prediction == "score":
-            return 1.0 / a, s * s / a
-        n2 = a * a + s * s  # v
-        return a / n2, -s / n2
+        return affine(prediction, "x0", alpha[i], sigma[i])
 
     mats = []
     n_eval = M + (1 if denoise else 0)

@@ -101,7 +101,8 @@ from torch import Tensor
 
 from .errors import ArgumentError
 from .likelihood import discretized_gaussian_log_prob, prior_kl
-from .models import PREDICTIONS, as_model, convert
+from .models import as_model
+from .parameterization import PREDICTIONS, convert, mse_factor, truth
 from .schedules import Schedule
 from .sde import SDE, append_dims, coef_dtype
 
@@ -159,19 +160,6 @@ def kg_weight(
     if weighting == "x0_mse":
         return torch.exp(-lam) * _sech(0.5 * lam)
     raise ValueError(f"kg_weight: weighting must be one of {KG_WEIGHTINGS}, got {weighting!r}")
-
-
-def mse_factor(space: str, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """``||eps - eps_hat||^2 / ||y - y_hat||^2`` for ``y`` of kind ``space`` at (alpha, sigma) (exact)."""
-    if space == "eps":
-        return torch.ones_like(alpha)
-    if space == "x0":
-        return (alpha / sigma) ** 2
-    if space == "score":
-        return sigma**2
-    if space == "v":
-        return alpha**2 / (alpha**2 + sigma**2) ** 2
-    raise ValueError(f"mse_factor: space must be one of {PREDICTIONS}, got {space!r}")
 
 
 class DiffusionLoss:
@@ -471,14 +459,7 @@ class DiffusionLoss:
         alpha64, sigma64 = self.sde.marginal(t)
         alpha = append_dims(alpha64.to(x0.device, work), x0.ndim)
         sigma = append_dims(sigma64.to(x0.device, work), x0.ndim)
-        if space == "eps":
-            target = eps_w
-        elif space == "x0":
-            target = x0_w
-        elif space == "score":
-            target = -eps_w / sigma
-        else:
-            target = alpha * eps_w - sigma * x0_w
+        target = truth(space, x0_w, eps_w, alpha, sigma)
         sq = (pred - target).pow(2).flatten(1)
         D = sq.shape[1]
         err = sq.sum(1) if self.reduction == "sum" else sq.mean(1)

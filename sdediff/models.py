@@ -4,6 +4,8 @@ The four parameterisations are tied together by the schedule's (alpha, sigma) at
 
     x = alpha x0 + sigma eps,   score = -eps / sigma,   v = alpha eps - sigma x0
 
+and converted by the one table of :mod:`sdediff.parameterization`.
+
 A :class:`Model` declares one of ``"eps"``, ``"x0"``, ``"score"``, ``"v"``; everything else asks it
 for the kind it needs (``model.eps(x, t, sde)``, ``model.x0(...)``, ...). A bare callable passed where a
 model is expected is taken to be an eps-predictor.
@@ -16,46 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .parameterization import PREDICTIONS, check_kind, convert
 from .sde import SDE, append_dims, coef_dtype
 
 __all__ = ["Model", "as_model", "convert", "raw_net", "PREDICTIONS"]
-
-PREDICTIONS = ("eps", "x0", "score", "v")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
-
-
-def convert(pred: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, source: str, target: str) -> Tensor:
-    """Convert a prediction of kind ``source`` at state ``x`` into kind ``target``.
-
-    ``alpha`` and ``sigma`` must already broadcast against ``x``. Works for any schedule, variance
-    preserving or not (for v: ``eps = (alpha v + sigma x) / (alpha^2 + sigma^2)``).
-    """
-    _check_kind(source)
-    _check_kind(target)
-    if source == target:
-        return pred
-    # to eps
-    if source == "eps":
-        eps = pred
-    elif source == "x0":
-        eps = (x - alpha * pred) / sigma
-    elif source == "score":
-        eps = -sigma * pred
-    else:  # v
-        eps = (alpha * pred + sigma * x) / (alpha * alpha + sigma * sigma)
-    if target == "eps":
-        return eps
-    if target == "score":
-        return -eps / sigma
-    x0 = (x - sigma * eps) / alpha
-    if target == "x0":
-        return x0
-    return alpha * eps - sigma * x0  # v
-
 
 class Model(nn.Module):
     """Wrap ``net(x, t) -> prediction`` with its prediction kind.
@@ -68,7 +34,7 @@ class Model(nn.Module):
 
     def __init__(self, net: Callable[[Tensor, Tensor], Tensor], prediction: str = "eps"):
         super().__init__()
-        _check_kind(prediction)
+        check_kind(prediction)
         if isinstance(net, Model):
             raise TypeError("net is already a Model; pass it directly")
         if not callable(net):
@@ -92,7 +58,7 @@ class Model(nn.Module):
 
     def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
         """The prediction of kind ``kind`` at ``(x, t)`` under ``sde``."""
-        _check_kind(kind)
+        check_kind(kind, "kind")
         out = self._call_net(x, _batch_times(t, x))
         if kind == self.prediction:
             return out

@@ -38,6 +38,7 @@ from torch import Tensor
 from .dpm_solver import dpm_solver
 from .errors import ArgumentError
 from .models import Model, as_model, raw_net
+from .parameterization import affine
 from .sde import SDE, coef_dtype
 from .timegrids import GRIDS, get_times
 
@@ -67,25 +68,9 @@ def _table(sde: SDE, times: Tensor) -> dict[str, Tensor]:
 
 
 def _affine(kind: str, alpha: Tensor, sigma: Tensor, target: str) -> tuple[Tensor, Tensor]:
-    """(p, q) with ``target = p x + q out`` for a network output ``out`` of kind ``kind``.
-
-    :func:`sdediff.convert` written as coefficients, so that a solver step folds it into its own.
-    """
-    one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
-    r2 = alpha * alpha + sigma * sigma
-    if target == "eps":
-        return {
-            "eps": (zero, one),
-            "x0": (1 / sigma, -alpha / sigma),
-            "score": (zero, -sigma),
-            "v": (sigma / r2, alpha / r2),
-        }[kind]
-    return {  # x0
-        "eps": (1 / alpha, -sigma / alpha),
-        "x0": (zero, one),
-        "score": (1 / alpha, sigma * sigma / alpha),
-        "v": (alpha / r2, -sigma / r2),
-    }[kind]
+    """(p, q) with ``target = p x + q out`` for a network output ``out`` of kind ``kind`` (the table of
+    :mod:`sdediff.parameterization`), so that a solver step folds the conversion into its own."""
+    return affine(kind, target, alpha, sigma)
 
 
 def _evaluator(model, sde: SDE):
