@@ -56,7 +56,7 @@ def scipy_reference(model, sde, x, probes: torch.Tensor, prior_log_prob, rtol=TO
     nfe = 0
 
     def drift_fn(sample, t):
-        return sde.pf_ode_drift(model, sample, t)
+        return sde.pf_ode_drift(sample, t, sdediff.as_model(model).score(sample, t, sde))
 
     def div_fn(sample, t):
         with torch.enable_grad():

@@ -1,4 +1,4 @@
-"""The one table of parameterisations: eps, x0, score and v as affine maps of (x, network output).
+r"""The one table of parameterisations: eps, x0, score and v as affine maps of (x, network output).
 
 At a time with marginal coefficients (alpha, sigma), ``x = alpha x0 + sigma eps``, ``score = -eps / sigma``
 and ``v = alpha eps - sigma x0``. Whatever a network predicts (its *kind*), every other kind is an affine
@@ -16,8 +16,8 @@ direct closed form, never a composition that would cancel, e.g. ``1 - sigma^2`` 
     score        (0, -1/s)          (-1/s^2, a/s^2)       (0, 1)                 (-1/r2, -a/(s r2))
     v            (-s/a, r2/a)       (a/s, -r2/s)          (-s/a, -s r2/a)        (0, 1)
 
-(a = alpha, s = sigma). and a kind maps to itself by (0, 1) exactly. Everything that converts between kinds derives from this
-table: :func:`convert`, :class:`sdediff.Model`, the samplers' precomputed step coefficients, DPM-Solver's
+(a = alpha, s = sigma). Everything that converts between kinds derives from this table:
+:func:`convert`, :class:`sdediff.Model`, the samplers' precomputed step coefficients, DPM-Solver's
 plans and the losses (their regression target is :func:`truth`, the definition of each kind from
 (x0, eps); the factor ``||eps - eps_hat||^2 / ||y - y_hat||^2`` is ``b(space -> eps)^2``,
 :func:`mse_factor`). No other module switches on the prediction kind.

@@ -447,7 +447,8 @@ class _TorchsdeReverse:
         uf = float(u)
         if y is y_last and uf == u_last:
             return out
-        out = -self.sde.reverse_drift(self.model, y.reshape(self.shape), self._t(u)).reshape(y.shape)
+        x, t = y.reshape(self.shape), self._t(u)
+        out = -self.sde.reverse_drift(x, t, self.model.score(x, t, self.sde)).reshape(y.shape)
         self._last = (y, uf, out)
         return out
 
@@ -592,7 +593,7 @@ def via_torchdiffeq(
 
     def func(t, y):
         t64 = t.detach().to(torch.float64).clamp(lo, hi)  # float32 times may round past the ends
-        return sde.pf_ode_drift(model, y, t64)
+        return sde.pf_ode_drift(y, t64, model.score(y, t64, sde))
 
     span = torch.tensor([hi, lo], dtype=x.dtype, device=x.device)
     out = torchdiffeq.odeint(func, x, span, method=method, rtol=rtol, atol=atol, options=opts)[-1]

@@ -111,19 +111,17 @@ class SDE:
         return -0.5 * sq / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
     # -- reverse time -----------------------------------------------------------------------------------
-    def reverse_drift(self, model, x: Tensor, t) -> Tensor:
-        """Drift of the reverse-time SDE ``dx = [f x - g^2 s(x, t)] dt + g dW-bar``."""
-        from .models import as_model
-
+    def reverse_drift(self, x: Tensor, t, score: Tensor) -> Tensor:
+        """Drift of the reverse-time SDE ``dx = [f x - g^2 s] dt + g dW-bar`` for the score ``s`` at
+        ``(x, t)`` (e.g. ``model.score(x, t, sde)``)."""
         g2 = self._coef(self.schedule.g2(t), x)
-        return self.drift(x, t) - g2 * as_model(model).score(x, t, self)
+        return self.drift(x, t) - g2 * score
 
-    def pf_ode_drift(self, model, x: Tensor, t) -> Tensor:
-        """Right-hand side of the probability-flow ODE ``dx/dt = f x - g^2 s(x, t) / 2``."""
-        from .models import as_model
-
+    def pf_ode_drift(self, x: Tensor, t, score: Tensor) -> Tensor:
+        """Right-hand side of the probability-flow ODE ``dx/dt = f x - g^2 s / 2`` for the score ``s``
+        at ``(x, t)`` (e.g. ``model.score(x, t, sde)``)."""
         g2 = self._coef(self.schedule.g2(t), x)
-        return self.drift(x, t) - 0.5 * g2 * as_model(model).score(x, t, self)
+        return self.drift(x, t) - 0.5 * g2 * score
 
     # -- posterior between two times ------------------------------------------------------------------
     def posterior_coefficients(self, s, t) -> tuple[Tensor, Tensor, Tensor]:

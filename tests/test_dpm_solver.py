@@ -97,7 +97,8 @@ def linear_vp_reference():
     x = x_T(sde, n=8, seed=1)
 
     def f(t, y):
-        return sde.pf_ode_drift(model, y, t.clamp(T_END, 1.0))
+        tt = t.clamp(T_END, 1.0)
+        return sde.pf_ode_drift(y, tt, sd.as_model(model).score(y, tt, sde))
 
     span = torch.tensor([1.0, T_END], dtype=torch.float64)
     ref = torchdiffeq.odeint(f, x, span, method="dopri5", rtol=1e-10, atol=1e-10)[-1]

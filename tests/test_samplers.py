@@ -110,7 +110,7 @@ def test_the_kl_check_has_power():
 # -- convergence orders of the deterministic map x_T -> x_0 ------------------------------------------
 def reference_solution(sde, x_T, t_min):
     def rhs(t, y):
-        return sde.pf_ode_drift(oracle_model(sde), y, t)
+        return sde.pf_ode_drift(y, t, oracle_model(sde).score(y, t, sde))
 
     span = torch.tensor([sde.T, t_min], dtype=torch.float64)
     opts = {"step_t": span[1:]}  # land on t_min rather than step past it

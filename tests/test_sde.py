@@ -100,8 +100,9 @@ def test_reverse_and_pf_drifts_from_the_score():
     t = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64)
     score = gm.score(x, t, sde)
     beta = sde.schedule.beta(t)[:, None]
-    torch.testing.assert_close(sde.reverse_drift(model, x, t), -0.5 * beta * x - beta * score)
-    torch.testing.assert_close(sde.pf_ode_drift(model, x, t), -0.5 * beta * x - 0.5 * beta * score)
+    s = sd.as_model(model).score(x, t, sde)  # a bare callable is an eps-predictor
+    torch.testing.assert_close(sde.reverse_drift(x, t, s), -0.5 * beta * x - beta * score)
+    torch.testing.assert_close(sde.pf_ode_drift(x, t, s), -0.5 * beta * x - 0.5 * beta * score)
 
 
 def test_sde_rejects_non_schedules():
