@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 import sdediff as sd
-from sdediff.dpm_solver import dpm_solver
 from sdediff.oracle import GaussianMixture
+from sdediff.samplers.dpm import dpm_solver
 from sdediff.timegrids import get_times
 
 try:

@@ -253,7 +253,7 @@ CASES = [
     ),
     # -- train: the sampler, checked against the SDE before training -----------------------------------
     ("train", "sampler.t_min=2.0", r"sampler\.t_min=2\.0: must be a number in \[0, T\) = \[0, 1\)"),
-    ("train", "sampler.t_min=-1", r"sampler\.t_min=-1: must be a number in \[0, T\) = \[0, 1\)"),
+    ("train", "sampler.t_min=-1", r"sampler\.t_min=-1: must be a number >= 0"),
     ("train", "sampler.steps=0", r"sampler\.steps=0: must be an integer >= 1"),
     (
         "train",
@@ -285,13 +285,13 @@ CASES = [
     (
         "train",
         "sampler=pc sampler.options.predictor=foo",
-        r"sampler\.options\.predictor=foo: must be one of ancestral, euler_maruyama, pf_ode",
+        r"sampler\.options\.predictor=foo: must be a one-step sampler: one of ancestral, euler_maruyama, pf_ode",
     ),
     ("train", "sampler=pc sampler.options.snr=0", r"sampler\.options\.snr=0: must be a number > 0"),
     (
         "train",
         "+sampler.options.bogus=1",
-        r"sampler\.options\.bogus=1: is an unknown option for 'ancestral'; it accepts eta, variance",
+        r"sampler\.options\.bogus=1: is an unknown option for sampler 'ancestral'; it accepts eta, variance",
     ),
     (
         "train",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sdediff as sd
-from sdediff.dpm_solver import dpm_solver, step_weights, zero_weights
 from sdediff.oracle import GaussianMixture
+from sdediff.samplers.dpm import dpm_solver, step_weights, zero_weights
 from sdediff.timegrids import get_times
 
 torchdiffeq = pytest.importorskip("torchdiffeq")

@@ -114,14 +114,14 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             b = min(cfg.batch_size, cfg.n - start)
             chunks.append(sampler(model, sde, shape=(b, *shape), generator=g).cpu())
     samples = torch.cat(chunks)
-    _check_finite_samples(samples, sampler.name, "nothing was written")
+    _check_finite_samples(samples, sampler.label, "nothing was written")
     out = output_dir(cfg)
-    title = f"{Path(meta['path']).name} ({cfg.weights}): {sampler.name}, {sampler.steps} steps"
+    title = f"{Path(meta['path']).name} ({cfg.weights}): {sampler.label}, {sampler.n_steps} steps"
     paths = _report.save_samples(samples, None, out, title)
     took = time.perf_counter() - t0
     run_logger()(
         f"{PROG}: {cfg.n} samples of shape {shape} from {meta['path']} (step {meta['step']}, {cfg.weights} "
-        f"weights) with {sampler.name} ({sampler.steps} steps) in {took:.1f} s -> "
+        f"weights) with {sampler.label} ({sampler.n_steps} steps) in {took:.1f} s -> "
         f"{paths.get('png', paths['npz'])}"
     )
     return {"samples": samples, "paths": paths, "checkpoint": meta["path"], "seconds": took}

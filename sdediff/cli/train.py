@@ -126,10 +126,10 @@ def evaluate(
         with torch.no_grad():
             samples = sampler(model, sde, shape=(ev.n_samples, *train_x.shape[1:]), generator=g)
         _check_finite_samples(
-            samples, getattr(sampler, "name", "?"), "nothing was written but the checkpoints"
+            samples, getattr(sampler, "label", "?"), "nothing was written but the checkpoints"
         )
         shown = train_x[: max(ev.n_samples, 2000) if train_x.ndim == 2 else ev.n_samples]
-        name, n_steps = getattr(sampler, "name", "sampler"), getattr(sampler, "steps", "?")
+        name, n_steps = getattr(sampler, "label", "sampler"), getattr(sampler, "n_steps", "?")
         title = f"{cfg.get('name', '')}: {name}, {n_steps} steps"
         report["samples"] = _report.save_samples(samples, shown, out, title)
         report["samples"]["seconds"] = round(time.perf_counter() - t, 2)

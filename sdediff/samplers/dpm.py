@@ -56,10 +56,10 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .errors import ArgumentError
-from .models import as_model, raw_net
-from .parameterization import affine
-from .sde import coef_dtype
+from ..errors import ArgumentError
+from ..parameterization import affine
+from ..sde import coef_dtype
+from .base import declare, setup
 
 __all__ = ["dpm_solver", "step_weights"]
 
@@ -306,6 +306,12 @@ def _plan(
     return torch.tensor(mats, dtype=torch.float64), tuple(orders)
 
 
+def _to_zero_on_its_grid(grid, options):
+    """On its tuned "dpm" grid the last step extrapolates the data predictions to sigma = 0."""
+    return 0.0 if grid == "dpm" else None
+
+
+@declare(steps=20, grid="dpm", t_min=_to_zero_on_its_grid)
 def dpm_solver(
     model,
     sde,
@@ -350,7 +356,6 @@ def dpm_solver(
     Returns:
         the state at ``times[-1]`` (or the final data prediction with ``denoise``), in x's dtype.
     """
-    model = as_model(model)
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise ArgumentError("order", order, "must be 1, 2 or 3", "dpm_solver")
     if variant not in ("exact", "lu"):
@@ -379,12 +384,11 @@ def dpm_solver(
     if not x.is_floating_point():
         raise TypeError(f"dpm_solver: x must be a floating-point tensor, got {x.dtype}")
 
-    net = raw_net(model)
-    prediction = model.prediction if net is not None else "x0"
+    ev, _ = setup(model, sde, x, times)
     mats64, _ = _plan(
         sde.schedule,
         tlist,
-        prediction,
+        ev.kind,
         int(order),
         lower_order_final,
         bool(corrector),
@@ -397,11 +401,7 @@ def dpm_solver(
     dev = x.device
     mats = mats64.to(dev, cdt).unbind(0)
     n_eval = len(mats)
-    B = x.shape[0]
-    f64 = net is None or getattr(model, "_float64_times", False)
-    tb = torch.tensor(tlist, dtype=torch.float64 if f64 else cdt, device=dev).unsqueeze(1).expand(-1, B)
-    tb = tb.unbind(0)
-    t64 = torch.tensor(tlist, dtype=torch.float64, device=dev).unsqueeze(1).expand(-1, B).unbind(0)
+    tb = ev.times(torch.tensor(tlist, dtype=torch.float64), x)
 
     # two stacked states (ping-pong) of R rows, each row one flattened copy of x
     n = x.numel()
@@ -414,17 +414,15 @@ def dpm_solver(
 
     h1views = [b[_H1].view(x.shape) for b in bufs]
     with torch.no_grad():
-        return _loop(
-            net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t64, tlist, cast, callback
-        )
+        return _loop(ev, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, tlist, cast, callback)
 
 
-def _loop(net, model, sde, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, t64, tlist, cast, callback):
+def _loop(ev, x, n_eval, mats, bufs, xviews, oviews, h1views, tb, tlist, cast, callback):
     for i in range(n_eval):
         cur, nxt = i & 1, (i + 1) & 1
         xi = xviews[cur]
         xin = xi.to(x.dtype) if cast else xi
-        out = net(xin, tb[i]) if net is not None else model.x0(xin, t64[i], sde)
+        out = ev(xin, tb[i])
         oviews[cur].copy_(out)
         torch.mm(mats[i], bufs[cur], out=bufs[nxt])
         if callback is not None:  # the new data prediction is register H1 of the next state

@@ -1,0 +1,317 @@
+"""Samplers: one entry point, :func:`sample`, and one function per sampler behind it.
+
+Every sampler has the same head (see :mod:`sdediff.samplers.base`)::
+
+    fn(model, sde, x, times, *, generator=None, callback=None, **options) -> state at times[-1]
+
+``x`` is the state at ``times[0]`` (any shape ``(B, ...)``, float32 or float64, any device), ``times``
+the float64 grid of :func:`sdediff.timegrids.get_times` (``steps + 1`` strictly decreasing times).
+Samplers step between the grid's *actual* times; none assumes a fixed stride. ``callback`` (if given)
+is called after each model evaluation on the grid with ``{"i": step, "t": t_i, "x": x at t_i, "x0":
+the x0-estimate there}`` (the torchsde adapter calls it once per grid step with ``"x0": None``, the
+torchdiffeq one once, at the end). Samplers run under ``torch.no_grad()``.
+
+Each sampler declares its own defaults with :func:`~sdediff.samplers.base.declare` (steps, grid,
+``t_min`` rule, and whether it can be the predictor of :func:`pc`); :func:`sample` reads them. A new
+sampler is one declared function (pass it as ``sampler=``) and one yaml; :data:`SAMPLERS` names the
+built-in ones for convenience (hydra's ``_target_`` is the config-level way to name any other).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ArgumentError
+from ..sde import SDE
+from ..timegrids import GRIDS, get_times
+from .ancestral import ancestral
+from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
+from .dpm import dpm_solver
+from .ode import pf_ode, via_torchdiffeq
+from .pc import pc
+from .reverse_sde import euler_maruyama, via_torchsde
+
+__all__ = [
+    "SAMPLERS",
+    "SampleInfo",
+    "Sampler",
+    "SamplerSpec",
+    "declare",
+    "sample",
+    "ancestral",
+    "euler_maruyama",
+    "pf_ode",
+    "pc",
+    "via_torchsde",
+    "via_torchdiffeq",
+    "dpm_solver",
+]
+
+#: the built-in samplers by name (any declared sampler function can be passed to ``sample`` itself)
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    spec_of(fn).name: fn
+    for fn in (ancestral, euler_maruyama, pf_ode, pc, via_torchsde, via_torchdiffeq, dpm_solver)
+}
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What a :func:`sample` call did: model evaluations actually made and the grid it used."""
+
+    nfe: int
+    times: Tensor
+    sampler: str
+    steps: int
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ArgumentError(name, v, "must be an integer >= 1", "sample")
+    return int(v)
+
+
+def _resolve(sampler, steps, grid, t_min, options: Mapping[str, Any], sde: SDE | None):
+    """``(fn, spec, steps, grid, t_min)`` with every choice checked and every default filled in from
+    the sampler's declaration (``sde`` needed for the grid and ``t_min`` defaults; ``None``: only check)."""
+    if isinstance(sampler, str):
+        if sampler not in SAMPLERS:
+            raise ArgumentError(
+                "sampler",
+                sampler,
+                f"must be one of {', '.join(sorted(SAMPLERS))} (unknown sampler)",
+                "sample",
+            )
+        fn = SAMPLERS[sampler]
+    elif callable(sampler):
+        fn = sampler
+    else:
+        raise ArgumentError("sampler", sampler, "must be a sampler name or a sampler function", "sample")
+    spec = spec_of(fn)
+    allowed = option_names(fn)
+    if allowed is not None:
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ArgumentError(
+                unknown[0],
+                options[unknown[0]],
+                f"is an unknown option for sampler {spec.name!r}; it accepts {', '.join(sorted(allowed))}",
+                "sample",
+            )
+    steps = spec.steps if steps is None else _positive_int("steps", steps)
+    if grid is not None and grid not in GRIDS:
+        raise ArgumentError(
+            "grid", grid, f"must be one of {', '.join(sorted(GRIDS))} (unknown grid)", "sample"
+        )
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, numbers.Real) or t_min < 0):
+        raise ArgumentError("t_min", t_min, "must be a number >= 0", "sample")
+    if sde is None:
+        return fn, spec, steps, grid, t_min
+    grid = spec.default_grid(sde) if grid is None else grid
+    T = float(sde.T)
+    if t_min is not None:
+        if not (math.isfinite(float(t_min)) and 0.0 <= float(t_min) < T):
+            raise ArgumentError("t_min", t_min, f"must be a number in [0, T) = [0, {T:g})", "sample")
+        t_min = float(t_min)
+    else:
+        t_min = spec.default_t_min(grid, options)
+    return fn, spec, steps, grid, t_min
+
+
+def _infer(model, generator, device, dtype):
+    """Device and dtype of a prior draw: the generator's device, else the model's; the model's dtype."""
+    p = None
+    if isinstance(model, torch.nn.Module):
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = generator.device if generator is not None else (p.device if p is not None else "cpu")
+    if dtype is None:
+        dtype = p.dtype if p is not None else torch.get_default_dtype()
+    return torch.device(device), dtype
+
+
+def _check_shape(shape, x_T):
+    if x_T is None and shape is None:
+        raise ValueError("sample: pass shape=(batch, ...) or a starting state x_T")
+    if shape is not None:
+        if (
+            isinstance(shape, numbers.Integral)
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape)
+            or len(shape) < 1
+        ):
+            raise ValueError(f"sample: shape must be (batch, ...) of positive integers, got {shape!r}")
+        shape = tuple(int(s) for s in shape)
+    if x_T is not None:
+        if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 1:
+            raise ValueError("sample: x_T must be a floating-point tensor of shape (batch, ...)")
+        if shape is not None and tuple(x_T.shape) != shape:
+            raise ValueError(f"sample: shape {shape} does not match x_T's shape {tuple(x_T.shape)}")
+    return shape
+
+
+def sample(
+    model,
+    sde: SDE,
+    *,
+    sampler: str | Callable = "dpm_solver",
+    steps: int | None = None,
+    shape=None,
+    x_T: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    t_min: float | None = None,
+    callback: Callable | None = None,
+    grid: str | None = None,
+    return_info: bool = False,
+    progress: bool = False,
+    device=None,
+    dtype: torch.dtype | None = None,
+    **options,
+):
+    """Draw samples by integrating the reverse process from ``T`` to ``t_min`` on a time grid.
+
+    Everything is checked before the model is first called.
+
+    Args:
+        model: a :class:`~sdediff.Model` or a bare eps-callable ``net(x, t)``.
+        sde: the :class:`~sdediff.SDE` the model was trained for.
+        sampler: a name in :data:`SAMPLERS`, or any sampler function (declared with
+            :func:`~sdediff.samplers.base.declare` to carry its defaults).
+        steps: number of grid steps (an integer >= 1); default: the sampler's own (1000 for
+            ``ancestral``, ``euler_maruyama``, ``pc`` and ``torchsde``, 100 for the ODEs, 20 for
+            ``dpm_solver``). The model evaluations actually made are reported as ``info.nfe``.
+        shape: ``(B, ...)`` of the samples; x_T is then drawn from the prior with ``generator``
+            (on ``device``/``dtype``: default the generator's device or the model's, and the model's
+            dtype or torch's default).
+        x_T: the starting state instead of ``shape`` (if both are given they must agree).
+        generator: the source of all randomness (prior draw, noise, torchsde's Brownian seed); the same
+            seed gives identical samples.
+        t_min: where sampling stops, in ``[0, T)``. Default: the sampler's rule (0 for ``ancestral``
+            on grids that allow it, so that the last step returns x0_hat as DDPM does; 0 for
+            ``dpm_solver`` on its "dpm" grid), else the schedule's ``default_t_min``.
+        callback: called with ``{"i", "t", "x", "x0"}`` after each model evaluation on the grid.
+        grid: a grid name of :data:`sdediff.timegrids.GRIDS`. Default: the sampler's own
+            (``"dpm"`` for ``dpm_solver``), else ``"trailing"`` on discrete schedules and ``"uniform"``.
+        return_info: also return a :class:`SampleInfo`.
+        progress: show a tqdm progress bar.
+        **options: the sampler's own options (e.g. ``eta``, ``variance``, ``method``, ``denoise``).
+
+    Returns:
+        the samples at ``t_min`` (``x_T``'s shape), or ``(samples, info)`` with ``return_info``.
+    """
+    # -- validate everything first --------------------------------------------------------------------
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sample: sde must be an sdediff.SDE, got {type(sde).__name__}")
+    fn, spec, steps, grid, t_min = _resolve(sampler, steps, grid, t_min, options, sde)
+    shape = _check_shape(shape, x_T)
+    if x_T is not None:
+        device, dtype = x_T.device, x_T.dtype
+    else:
+        device, dtype = _infer(model, generator, device, dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"sample: dtype must be a floating-point type, got {dtype}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"sample: the generator lives on {generator.device} but the samples on {device}; "
+            f"use torch.Generator(device={device.type!r})"
+        )
+    if not callable(model):
+        raise TypeError(f"sample: model must be a Model or a callable net(x, t), got {type(model).__name__}")
+    times = get_times(sde, steps, grid=grid, t_min=t_min)
+    ev = Evaluator(model, sde)  # the model, resolved once; counts every evaluation
+
+    # -- run ------------------------------------------------------------------------------------------
+    if x_T is None:
+        x_T = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=spec.name)
+        user_cb = callback
+
+        def callback(info, _cb=user_cb):
+            bar.update(1)
+            if _cb is not None:
+                _cb(info)
+
+    try:
+        with torch.no_grad():
+            x = fn(ev, sde, x_T, times, generator=generator, callback=callback, **options)
+    finally:
+        if bar is not None:
+            bar.close()
+    if return_info:
+        name = sampler if isinstance(sampler, str) else spec.name
+        return x, SampleInfo(nfe=ev.nfe, times=times, sampler=name, steps=steps)
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler configuration (sampler, steps, grid, t_min, options), callable like :func:`sample`.
+
+    Built by hydra from ``configs/sampler/<name>.yaml``; ``name`` is a built-in name or a sampler
+    function (e.g. ``{_target_: mypkg.my_sampler, _partial_: true}`` in a yaml). ``steps`` ``None``:
+    the sampler's own default. Names, steps, grid and options are checked on construction (by the
+    same code as :func:`sample`), so a bad config fails when it is instantiated, not when it first
+    runs; :meth:`check` runs every remaining check against an SDE.
+    """
+
+    name: Any
+    steps: int | None = None
+    grid: str | None = None
+    t_min: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        opts = dict(self.options or {})
+        try:
+            _, spec, steps, _, _ = _resolve(self.name, self.steps, self.grid, self.t_min, opts, None)
+        except ArgumentError as e:
+            key = {"sampler": "name"}.get(e.key, e.key)
+            key = key if key in ("name", "steps", "grid", "t_min") else f"options.{key}"
+            raise ArgumentError(key, e.value, e.allowed, "Sampler") from None
+        object.__setattr__(self, "options", opts)
+        object.__setattr__(self, "spec", spec)
+
+    @property
+    def label(self) -> str:
+        """The sampler's name (for titles and logs)."""
+        return self.name if isinstance(self.name, str) else self.spec.name
+
+    @property
+    def n_steps(self) -> int:
+        """The grid steps it takes: ``steps``, or the sampler's own default."""
+        return self.spec.steps if self.steps is None else int(self.steps)
+
+    def check(self, sde: SDE, shape) -> None:
+        """Raise what a real run on ``sde`` would raise (grid, ``t_min``, ``steps``, the sampler's own
+        options), by running it once with a null network on a zero state of ``shape`` (one item is
+        enough): every check :func:`sample` and the sampler make, and nothing else, before real work."""
+
+        def null_net(x: Tensor, t: Tensor) -> Tensor:
+            return torch.zeros_like(x)
+
+        with torch.no_grad():
+            self(null_net, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, model, sde: SDE, *, shape=None, x_T=None, generator=None, **kwargs):
+        """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``."""
+        return sample(
+            model,
+            sde,
+            sampler=self.name,
+            steps=self.steps,
+            shape=shape,
+            x_T=x_T,
+            generator=generator,
+            grid=self.grid,
+            t_min=self.t_min,
+            **{**self.options, **kwargs},
+        )
