@@ -44,6 +44,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import ArgumentError
+from .lattice import dequantize as dequantize_lattice
+from .lattice import dequantize_floats, float_to_uint8, uint8_to_float
 
 __all__ = [
     "TOY2D_NAMES",
@@ -54,6 +56,7 @@ __all__ = [
     "float_to_uint8",
     "dequantize",
     "dequantize_uint8",
+    "hash_ints",
     "toy2d",
     "toy2d_dataset",
     "mixture_samples",
@@ -90,7 +93,8 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _hash_ints(*values: int) -> int:
+def hash_ints(*values: int) -> int:
+    """A fixed 64-bit hash of integers (splitmix64 chained), for seeding per-epoch / per-item draws."""
     h = 0
     for v in values:
         h = _splitmix64(h ^ (int(v) & _MASK64))
@@ -106,84 +110,7 @@ def _as_generator(seed: int | torch.Generator | None) -> torch.Generator:
     return g
 
 
-# --------------------------------------------------------------------------------------------
-# 8-bit convention and dequantization
-# --------------------------------------------------------------------------------------------
-
-
-def uint8_to_float(k: Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Map 8-bit integers ``k`` in ``0..255`` to ``[-1, 1]`` by ``x = k / 127.5 - 1``.
-
-    So ``0 -> -1``, ``255 -> 1``; the lattice spacing is ``2 / 255``.
-    """
-    k = torch.as_tensor(k)
-    return k.to(dtype) / 127.5 - 1.0
-
-
-def float_to_uint8(x: Tensor, *, check: bool = True, atol: float = 1e-3) -> Tensor:
-    """Inverse of :func:`uint8_to_float`: ``k = round((x + 1) * 127.5)`` as ``uint8``.
-
-    With ``check=True`` (default) raise ``ValueError`` unless every value of ``x`` lies within
-    ``atol`` (in 8-bit units) of the lattice ``{k / 127.5 - 1 : k = 0..255}``.
-    """
-    x = torch.as_tensor(x)
-    if not torch.is_floating_point(x):
-        raise ValueError(f"float_to_uint8 expects a float tensor in [-1, 1], got dtype {x.dtype}")
-    scaled = (x.double() + 1.0) * 127.5
-    k = torch.round(scaled)
-    if check:
-        if not bool(torch.isfinite(scaled).all()):
-            raise ValueError("float_to_uint8: input contains NaN or inf values")
-        if bool((k < 0).any()) or bool((k > 255).any()):
-            raise ValueError(
-                f"float_to_uint8: values must lie in [-1, 1], got range "
-                f"[{float(x.min()):.4g}, {float(x.max()):.4g}]"
-            )
-        off = float((scaled - k).abs().max()) if x.numel() else 0.0
-        if off > atol:
-            raise ValueError(
-                f"float_to_uint8: values are not on the 8-bit lattice k/127.5 - 1 (largest offset "
-                f"{off:.3g} in 8-bit units > atol={atol}); only 8-bit image data can be quantized"
-            )
-    return k.clamp(0, 255).to(torch.uint8)
-
-
-def dequantize_uint8(
-    k: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """Uniformly dequantize 8-bit integers: ``k -> 2 * (k + u) / 256 - 1`` with ``u ~ U[0, 1)``.
-
-    Bin ``k`` becomes the interval ``[2k/256 - 1, 2(k+1)/256 - 1)`` of width ``2/256``; the 256
-    bins tile ``[-1, 1)``.  For a continuous density ``p`` on ``[-1, 1]^D`` this gives the usual
-    bound ``log P(k) >= E_u[log p(x)] + D * log(2/256)``, i.e.
-    ``bits/dim <= -E_u[log p(x)] / (D ln 2) + 7``.
-    """
-    k = torch.as_tensor(k)
-    if torch.is_floating_point(k):
-        raise ValueError("dequantize_uint8 expects integer 8-bit values; use dequantize() for [-1, 1] data")
-    if k.numel() and (int(k.min()) < 0 or int(k.max()) > 255):
-        raise ValueError("dequantize_uint8: values must lie in 0..255")
-    from .likelihood import dequantize as dequantize_lattice  # the one implementation of the convention
-
-    x = dequantize_lattice(k, "[-1,1]", generator=generator, dtype=dtype)
-    # keep the documented half-open range [-1, 1) after rounding to a low-precision dtype
-    below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
-    return torch.minimum(x, below_one)
-
-
-def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of 8-bit images given in ``[-1, 1]``.
-
-    ``x`` must lie on the lattice ``k / 127.5 - 1`` (``k`` in ``0..255``; checked, ``ValueError``
-    otherwise).  Each value is mapped to its bin ``k`` and replaced by ``2 * (k + u) / 256 - 1``
-    with ``u ~ U[0, 1)`` drawn from ``generator``: noise of width one 8-bit bin, output in
-    ``[-1, 1)``, same shape/dtype as ``x``.  See :func:`dequantize_uint8` for the likelihood
-    bound this supports.
-    """
-    x = torch.as_tensor(x)
-    k = float_to_uint8(x)
-    dtype = x.dtype if torch.is_floating_point(x) else torch.float32
-    return dequantize_uint8(k, generator=generator, dtype=dtype).to(x.device)
+# 8-bit convention and dequantization: sdediff.lattice (re-exported here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +205,7 @@ class ArrayDataset(Dataset):
         """Whether item ``index`` is flipped in the current epoch."""
         if not self.hflip:
             return False
-        h = _hash_ints(self.flip_seed, self.epoch, int(index))
+        h = hash_ints(self.flip_seed, self.epoch, int(index))
         return (h >> 11) * (1.0 / (1 << 53)) < self.flip_p
 
     def _convert(self, x: Tensor) -> Tensor:
@@ -488,7 +415,7 @@ _DIGITS_SPLIT_SEED = 20240601
 
 def _digits_split_indices() -> dict[str, np.ndarray]:
     n = sum(DIGITS_SPLIT_SIZES.values())
-    keys = [_hash_ints(_DIGITS_SPLIT_SEED, i) for i in range(n)]
+    keys = [hash_ints(_DIGITS_SPLIT_SEED, i) for i in range(n)]
     perm = np.array(sorted(range(n), key=lambda i: keys[i]), dtype=np.int64)
     out, start = {}, 0
     for split, size in DIGITS_SPLIT_SIZES.items():
@@ -1129,3 +1056,22 @@ def numpy_file(
 # --------------------------------------------------------------------------------------------
 # convenience
 # --------------------------------------------------------------------------------------------
+
+
+def dequantize_uint8(
+    k: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Uniformly dequantize 8-bit integers: ``k -> 2 (k + u) / 256 - 1``, ``u ~ U[0, 1)``, in ``[-1, 1)``
+    (:func:`sdediff.lattice.dequantize`; see there for the likelihood bound this supports)."""
+    k = torch.as_tensor(k)
+    if torch.is_floating_point(k):
+        raise ValueError("dequantize_uint8 expects integer 8-bit values; use dequantize() for [-1, 1] data")
+    if k.numel() and (int(k.min()) < 0 or int(k.max()) > 255):
+        raise ValueError("dequantize_uint8: values must lie in 0..255")
+    return dequantize_lattice(k, "[-1,1]", generator=generator, dtype=dtype)
+
+
+def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of 8-bit images given in ``[-1, 1]`` (checked to lie on the lattice
+    ``k / 127.5 - 1``): same shape, dtype and device, values in ``[-1, 1)``."""
+    return dequantize_floats(x, "[-1,1]", generator)

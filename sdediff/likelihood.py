@@ -56,6 +56,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gaussians import VARIANCES, decoder_variance, discretized_gaussian_log_prob, prior_kl, reverse_variance
+from .lattice import DATA_RANGES, dequantize, nats_to_bits_per_dim, to_lattice
+from .lattice import scaling as _scaling
 from .models import as_model, convert
 from .sde import SDE, coef_dtype
 
@@ -77,10 +80,8 @@ __all__ = [
 ]
 
 #: ``data_range -> (a, b)`` of the scaling ``x = a y + b`` from ``y in [0, 1]`` to the model's space
-DATA_RANGES = {"[-1,1]": (2.0, -1.0), "[0,1]": (1.0, 0.0)}
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
-VARIANCES = ("small", "large")
 DECODERS = ("discretized", "gaussian")
 T_SAMPLINGS = ("importance", "antithetic", "uniform")
 _LN2 = math.log(2.0)
@@ -499,58 +500,6 @@ def log_likelihood(
 # ------------------------------------------------------------------------------------------------------
 # 8-bit data and bits/dim
 # ------------------------------------------------------------------------------------------------------
-def _scaling(data_range: str) -> tuple[float, float]:
-    _check_choice("data_range", data_range, DATA_RANGES)
-    return DATA_RANGES[data_range]
-
-
-def to_lattice(x: Tensor, data_range: str = "[-1,1]") -> Tensor:
-    """The 8-bit integers ``k`` (int64, shaped like x) of ``uint8`` data or of floats on the scaled lattice.
-
-    Floats must equal ``a k / 255 + b`` (``k`` integer in 0..255) to within 1e-3 of a lattice step;
-    anything else raises ``ValueError`` (continuous data needs ``decoder="gaussian"`` or
-    :func:`log_likelihood` instead).
-    """
-    a, b = _scaling(data_range)
-    _check_batch(x)
-    if x.dtype == torch.uint8:
-        return x.long()
-    if not x.is_floating_point():
-        raise TypeError(f"8-bit data must be uint8 or floats on the scaled lattice, got {x.dtype}")
-    _check_finite(x)
-    k = (x.to(torch.float64) - b) * (255.0 / a)
-    kr = k.round()
-    if bool(((k - kr).abs() > 1e-3).any()) or bool((kr < 0).any()) or bool((kr > 255).any()):
-        raise ValueError(
-            f"x is not 8-bit data on the {data_range} lattice a*k/255 + b (a={a:g}, b={b:g}, k in 0..255); "
-            f"pass uint8 tensors, scale floats as a*k/255 + b, or use a continuous-data likelihood"
-        )
-    return kr.long()
-
-
-def dequantize(
-    k: Tensor, data_range: str = "[-1,1]", generator: torch.Generator | None = None, dtype=torch.float32
-) -> Tensor:
-    """Uniform dequantization: ``x = a (k + u) / 256 + b`` with ``u ~ U(0, 1)`` per dimension."""
-    a, b = _scaling(data_range)
-    u = _rand(k.shape, generator, k.device, torch.float64)
-    return (a * (k.to(torch.float64) + u) / 256.0 + b).to(dtype)
-
-
-def nats_to_bits_per_dim(nll: Tensor, D: int, data_range: str | None = None) -> Tensor:
-    """Convert a negative log-likelihood in nats per sample to bits/dim.
-
-    With ``data_range=None`` this is plain ``nll / (D ln 2)`` (for a discrete probability, or the bits/dim
-    of a continuous density). With a ``data_range`` the ``nll`` is that of a continuous density in the
-    scaled space evaluated at dequantized 8-bit data, and the result is the bound on the 8-bit data's
-    bits/dim: ``(nll - D log a + D log 256) / (D ln 2)`` (see the module docstring).
-    """
-    if data_range is None:
-        return nll / (D * _LN2)
-    a, _ = _scaling(data_range)
-    return (nll - D * math.log(a) + D * math.log(256.0)) / (D * _LN2)
-
-
 def _mean_and_stderr(v: Tensor) -> tuple[float, float]:
     v = v.detach().to(torch.float64)
     n = v.numel()
@@ -617,46 +566,6 @@ def bits_per_dim(
         stderr = torch.zeros_like(bpd)
     mean, mean_se = _mean_and_stderr(bpd)
     return BitsPerDim(bpd, stderr, mean, mean_se, nfe)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Gaussian helpers
-# ------------------------------------------------------------------------------------------------------
-def gaussian_kl(mu_q: Tensor, var_q: Tensor, mu_p: Tensor, var_p: Tensor) -> Tensor:
-    """``KL(N(mu_q, var_q I) || N(mu_p, var_p I))`` summed over all but the first dimension (nats).
-
-    The variances broadcast against the means (scalars or per-sample columns).
-    """
-    ratio = var_q / var_p
-    per_dim = 0.5 * (ratio - 1.0 - torch.log(ratio) + (mu_q - mu_p) ** 2 / var_p)
-    return per_dim.flatten(1).sum(1)
-
-
-def discretized_gaussian_log_prob(
-    x: Tensor, mean: Tensor, std, half_width: float, lo: float, hi: float, reduce: bool = True
-) -> Tensor:
-    """``log P(bin of x)`` under ``N(mean, std^2)`` with bins ``[x - h, x + h]``, the outermost ones (x at
-    ``lo`` or ``hi``) extended to -inf / +inf: DDPM's decoder (eq. 13) for L_0. Summed over all but the
-    first dimension, or per element with ``reduce=False``."""
-    upper = (x + half_width - mean) / std
-    lower = (x - half_width - mean) / std
-    log_cdf_upper = torch.special.log_ndtr(upper)
-    log_sf_lower = torch.special.log_ndtr(-lower)
-    # middle bins: log(Phi(u) - Phi(l)) computed on the side of the tail it lives in
-    mid_left = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper))
-    mid_right = log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower))
-    mid = torch.where(lower > 0, mid_right, mid_left)
-    tol = 1e-3 * half_width
-    out = torch.where(x <= lo + tol, log_cdf_upper, torch.where(x >= hi - tol, log_sf_lower, mid))
-    return out.flatten(1).sum(1) if reduce else out
-
-
-def prior_kl(sde: SDE, x0: Tensor) -> Tensor:
-    """``KL(q(x_T | x_0) || N(0, prior_std^2 I))`` per sample (nats, float64)."""
-    alpha, sigma = (v.item() for v in sde.marginal(sde.T))
-    x64 = x0.to(torch.float64)
-    p2 = sde.prior_std**2
-    return gaussian_kl(alpha * x64, torch.tensor(sigma**2, dtype=torch.float64), torch.zeros_like(x64), p2)
 
 
 def _col(v: Tensor, ndim: int, device) -> Tensor:
@@ -781,8 +690,8 @@ def discrete_vlb(
         t = t_all[idx.flatten().cpu()]
         s = t_all[idx.flatten().cpu() - 1]
         alpha, sigma = sde.marginal(t)
-        c_t, c_0, var_q = sde.posterior_coefficients(s, t)
-        var_p = var_q if variance == "small" else sde.transition_variance(s, t)
+        c_0 = sde.posterior_coefficients(s, t)[1]
+        var_q, var_p = reverse_variance(sde, s, t, variance)
         nd = x0.ndim
         xrep = x0.repeat(R, *([1] * (nd - 1)))
         xt = _col(alpha, nd, dev).to(xdt) * xrep + _col(sigma, nd, dev).to(xdt) * eps.reshape(R * B, *event)
@@ -803,10 +712,7 @@ def discrete_vlb(
     a1, s1 = (v[0].item() for v in sde.marginal(t_all[1:2]))
     x1 = a1 * x0 + s1 * eps1
     mean0 = x0_hat(x1, t1).to(torch.float64)
-    if variance == "large" or N == 1:
-        var0 = float(sde.transition_variance(t_all[0:1], t_all[1:2])[0])
-    else:
-        var0 = float(sde.posterior_coefficients(t_all[1:2], t_all[2:3])[2][0])
+    var0 = decoder_variance(sde, float(t_all[1]), float(t_all[2]) if N > 1 else None, variance)
     std0 = math.sqrt(var0)
     x064 = x0.to(torch.float64)
     if decoder == "discretized":

@@ -50,8 +50,9 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
-from .data import ArrayDataset, uint8_to_float
+from .data import ArrayDataset, hash_ints
 from .errors import ArgumentError, ConfigError, TrainingError
+from .lattice import dequantize_floats, on_lattice, uint8_to_float
 from .models import Model
 
 __all__ = [
@@ -219,14 +220,8 @@ def resolve_device(
 # data
 # ------------------------------------------------------------------------------------------------
 def _mix(*values: int) -> int:
-    """A fixed 63-bit hash of integers (splitmix64), for seeding per-epoch / per-rank generators."""
-    h = 0
-    for v in values:
-        x = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h = x ^ (x >> 31)
-    return h >> 1
+    """A fixed 63-bit hash of integers, for seeding per-epoch / per-rank generators."""
+    return hash_ints(*values) >> 1
 
 
 class Batches:
@@ -280,8 +275,7 @@ class Batches:
         store = self._store
         if store is None or store.dtype == torch.uint8:
             return
-        k = (store.double() + 1) * 127.5
-        if not bool(((k - k.round()).abs() < 1e-3).all() and (k > -0.5).all() and (k < 255.5).all()):
+        if not on_lattice(store):
             raise ConfigError(
                 "train.dequantize=true needs 8-bit data on the lattice k / 127.5 - 1 (k = 0..255), and this "
                 "data set is not; set train.dequantize=false"
@@ -383,13 +377,6 @@ def _wrap_net(model: nn.Module, fn: Callable[[nn.Module], nn.Module]) -> nn.Modu
     if isinstance(model, Model) and "net" in model._modules:
         return Model(fn(model.net), model.prediction)
     return fn(model)
-
-
-def _dequantize(x: Tensor, generator: torch.Generator) -> Tensor:
-    """``k / 127.5 - 1 -> 2 (k + u) / 256 - 1`` with ``u ~ U[0, 1)`` (no checks: no host sync)."""
-    k = torch.round((x.float() + 1) * 127.5)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return ((k + u) * (2.0 / 256.0) - 1.0).to(x.dtype)
 
 
 def _lr_at(step: int, lr: float, warmup: int, decay: str, steps: int) -> float:
@@ -760,7 +747,7 @@ def train(
                 g["lr"] = cur_lr
             x = batches.get(step)
             if dequantize:
-                x = _dequantize(x, noise)
+                x = dequantize_floats(x, "[-1,1]", noise, check=False)  # checked up front: no sync
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
