@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import sdediff  # noqa: E402
 from sdediff.data import ArrayDataset, digits, toy2d_dataset  # noqa: E402
-from sdediff.losses import DiffusionLoss  # noqa: E402
+from sdediff.losses import ELBO, DiffusionLoss, LogSNRUniform  # noqa: E402
 from sdediff.nets import MLP, UNet  # noqa: E402
 from sdediff.train import train  # noqa: E402
 
@@ -345,7 +345,7 @@ def digits_unet(a, dev, smoke: bool, out_dir: Path) -> dict:
     sde = sdediff.SDE(sdediff.LinearVP())
     torch.manual_seed(0)
     model = sdediff.Model(UNet(resolution=8, **net_kw), "eps")
-    loss = DiffusionLoss(sde, weighting="elbo", time_sampling="log_snr", t_min=1e-5)
+    loss = DiffusionLoss(sde, weighting=ELBO(), time_sampler=LogSNRUniform(), t_min=1e-5)
     train_set = digits("train")
     t = time.perf_counter()
     res = train(

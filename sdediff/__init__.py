@@ -7,7 +7,7 @@ One import gives the public API::
     x = sd.sample(model, sde, sampler="dpm_solver", steps=20, shape=(16, 3, 32, 32))
 """
 
-from . import data, errors, nets, oracle, timegrids
+from . import data, errors, losses, nets, oracle, timegrids
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
 from .likelihood import (
@@ -18,7 +18,7 @@ from .likelihood import (
     log_likelihood,
     nats_to_bits_per_dim,
 )
-from .losses import TIME_SAMPLINGS, WEIGHTINGS, DiffusionLoss, kg_weight
+from .losses import DiffusionLoss, VLBLoss
 from .models import PREDICTIONS, Model, as_model, convert
 from .nets import MLP, UNet
 from .samplers import SAMPLERS, SampleInfo, Sampler, sample
@@ -41,11 +41,10 @@ __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
     "SDE",
-    "TIME_SAMPLINGS",
     "VE",
-    "WEIGHTINGS",
     "CosineVP",
     "DiffusionLoss",
+    "VLBLoss",
     "DiscreteVP",
     "LinearVP",
     "Model",
@@ -63,9 +62,9 @@ __all__ = [
     "discrete_vlb",
     "errors",
     "get_times",
-    "kg_weight",
     "likelihood_report",
     "log_likelihood",
+    "losses",
     "nats_to_bits_per_dim",
     "nets",
     "oracle",

@@ -366,7 +366,16 @@ TRUSTED_TARGETS: frozenset[str] = _aliases(
             name: ("sdediff", "sdediff.schedules")
             for name in ("LinearVP", "CosineVP", "SubVP", "VE", "DiscreteVP", "DiscreteVP.ddpm")
         },
-        "DiffusionLoss": ("sdediff", "sdediff.losses"),
+        "DiffusionLoss": ("sdediff", "sdediff.losses", "sdediff.losses.denoising"),
+        "VLBLoss": ("sdediff", "sdediff.losses", "sdediff.losses.vlb"),
+        **{
+            name: ("sdediff.losses", "sdediff.losses.weightings")
+            for name in ("Simple", "MSE", "Likelihood", "ELBO", "Sigmoid", "EDM", "IDDPM", "VMSE", "X0MSE")
+        },
+        **{
+            name: ("sdediff.losses", "sdediff.losses.time_sampling")
+            for name in ("Uniform", "LogSNRUniform", "Importance")
+        },
         "Sampler": ("sdediff", "sdediff.samplers"),
     }
 )

@@ -343,16 +343,17 @@ CASES = [
         r"model\.net\.in_ch=1: must fit the data's items of shape \(2,\) \(the U-Net needs \(C, H, W\) images\)",
     ),
     ("train", "~model.net.dim", r"model\.net\.dim=\?\?\?: is required by MLP; pass \+model\.net\.dim=\.\.\."),
-    ("train", "loss.weighting=banana", r"loss\.weighting=banana: must be one of \('simple', .*\)"),
-    (
-        "train",
-        "loss.time_sampling=banana",
-        r"loss\.time_sampling=banana: must be one of \('uniform', 'log_snr', 'importance'\)",
-    ),
+    ("train", "loss.weighting=banana", r"loss\.weighting=banana: must be a Weighting object, e\.g\. ELBO\(\)"),
+    ("train", "loss.time_sampler=banana", r"loss\.time_sampler=banana: must be a TimeSampler object, e\.g\. Uniform\(\)"),
+    ("train", "loss.time_sampling=uniform", r"loss\.time_sampling=uniform: no such key in the config; add a new one with \+loss\.time_sampling=uniform"),
+    ("train", "loss.weighting._target_=sdediff.losses.Nope", r"loss\.weighting\._target_=sdediff\.losses\.Nope: cannot be imported \(.*\)"),
+    ("train", "loss=sigmoid loss.weighting.bias=nan", r"loss\.weighting\.bias=nan: must be a finite number"),
+    ("train", "loss=edm loss.weighting.sigma_data=0", r"loss\.weighting\.sigma_data=0: must be a positive number"),
+    ("train", "loss=vlb +loss.time_sampler.min_count=0 sde=ddpm", r"loss\.time_sampler\.min_count=0: must be a positive integer"),
     (
         "train",
         "loss=vlb",
-        r"loss\.weighting=vlb: needs a DiscreteVP schedule \(sde=ddpm\) with discrete=True.*",
+        r"loss\._target_=sdediff\.losses\.VLBLoss: needs a DiscreteVP schedule \(sde=ddpm\), not LinearVP.*",
     ),
     ("train", "data.name=spiral", r"data\.name=spiral: must be one of swiss_roll, two_moons, .*"),
     ("train", "data.n=0", r"data\.n=0: must be an integer >= 1"),
@@ -425,7 +426,7 @@ CASES = [
     (
         "train",
         f"{' '.join(TINY)} out_dir={R}/run train.resume=true train.steps=9 loss=elbo",
-        r"train\.resume=true: checkpoint .* was written for a different loss config \(loss\.time_sampling: checkpoint has 'uniform', this run 'log_snr'\).*",
+        r"train\.resume=true: checkpoint .* was written for a different loss config \(loss\.time_sampler\._target_: checkpoint has 'sdediff\.losses\.Uniform', this run 'sdediff\.losses\.LogSNRUniform'\).*",
     ),
     (
         "train",

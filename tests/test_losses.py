@@ -19,7 +19,22 @@ import pytest
 import torch
 
 from sdediff import SDE, VE, CosineVP, DiscreteVP, LinearVP, Model, SubVP
-from sdediff.losses import TIME_SAMPLINGS, WEIGHTINGS, DiffusionLoss, kg_weight
+from sdediff.losses import (
+    EDM,
+    ELBO,
+    IDDPM,
+    MSE,
+    VMSE,
+    X0MSE,
+    DiffusionLoss,
+    Importance,
+    Likelihood,
+    LogSNRUniform,
+    Sigmoid,
+    Simple,
+    Uniform,
+    VLBLoss,
+)
 from sdediff.nets import MLP
 from sdediff.oracle import GaussianMixture
 
@@ -54,7 +69,7 @@ def test_vlb_term_is_the_gaussian_kl(variance, kind):
     t, s = steps.to(F64) / 100, (steps - 1).to(F64) / 100
     x0, eps = data(len(steps))
     model = Model(toy_net, kind)
-    loss = DiffusionLoss(sde, prediction=kind, weighting="vlb", vlb_variance=variance)
+    loss = VLBLoss(sde, variance=variance, prediction=kind)
     got = loss.term(model, x0, t, noise=eps)
 
     x_t = sde.marginal_sample(x0, t, noise=eps)[0]
@@ -65,9 +80,7 @@ def test_vlb_term_is_the_gaussian_kl(variance, kind):
     want = gaussian_kl(mean_q, var_q, mean_p, var_p)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     # the other space gives the same numbers (eps-form weight == x0-form weight)
-    other = DiffusionLoss(
-        sde, prediction="x0" if kind == "eps" else "eps", weighting="vlb", vlb_variance=variance
-    )
+    other = VLBLoss(sde, variance=variance, prediction="x0" if kind == "eps" else "eps")
     torch.testing.assert_close(other.term(model, x0, t, noise=eps), want, rtol=1e-10, atol=1e-12)
 
 
@@ -83,7 +96,7 @@ def test_vlb_weights_are_the_seed_formulas(variance):
     var = beta_tilde if variance == "small" else beta
     i = torch.arange(2, 1001)
     t = i.to(F64) / 1000
-    loss = DiffusionLoss(SDE(sched), weighting="vlb", vlb_variance=variance)
+    loss = VLBLoss(SDE(sched), variance=variance)
     w_eps = beta**2 / (2 * var * alpha * (1 - abar))
     w_x0 = abar_prev * beta**2 / (2 * var * (1 - abar) ** 2)
     torch.testing.assert_close(loss.eps_weight(t), w_eps[i - 1], rtol=1e-9, atol=0)
@@ -109,10 +122,10 @@ def test_vlb_step_one_is_the_decoder(variance):
     x0_hat = model.x0(x_t, t, sde)
     normal = torch.distributions.Normal(x0_hat, math.sqrt(var))
 
-    gauss = DiffusionLoss(sde, weighting="vlb", vlb_variance=variance).term(model, x0, t, noise=eps)
+    gauss = VLBLoss(sde, variance=variance).term(model, x0, t, noise=eps)
     torch.testing.assert_close(gauss, -normal.log_prob(x0).sum(1), rtol=1e-10, atol=1e-10)
 
-    disc = DiffusionLoss(sde, weighting="vlb", vlb_variance=variance, decoder="discretized")
+    disc = VLBLoss(sde, variance=variance, decoder="discretized")
     upper = torch.where(x0 >= 1, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
     lower = torch.where(x0 <= -1, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
     want = -torch.log(upper - lower).sum(1)
@@ -130,7 +143,7 @@ def test_n_times_the_mean_vlb_loss_plus_prior_is_likelihood_discrete_vlb(varianc
     x0, _ = data(B)
     noise = torch.randn(N, B, D, generator=torch.Generator().manual_seed(4), dtype=F64)
     model = Model(toy_net, "x0")
-    loss = DiffusionLoss(sde, weighting="vlb", vlb_variance=variance)
+    loss = VLBLoss(sde, variance=variance)
     steps = range(1, N + 1)
     terms = torch.stack(
         [loss.term(model, x0, torch.full((B,), i / N, dtype=F64), noise=noise[i - 1]) for i in steps]
@@ -146,7 +159,7 @@ def test_prior_kl_is_the_gaussian_kl_at_T():
     x0, _ = data(4)
     a = float(sde.schedule.alpha(1.0))
     s2 = 1 - a * a
-    loss = DiffusionLoss(sde, weighting="vlb")
+    loss = VLBLoss(sde)
     want = gaussian_kl(
         a * x0, torch.tensor(s2, dtype=F64), torch.zeros_like(x0), torch.tensor(1.0, dtype=F64)
     )
@@ -164,7 +177,7 @@ def test_elbo_is_vdm_continuous_loss():
         t = torch.tensor([0.05, 0.2, 0.5, 0.9], dtype=F64)
         x0, eps = data(4)
         model = Model(toy_net, "eps")
-        got = DiffusionLoss(sde, weighting="elbo").term(model, x0, t, noise=eps)
+        got = DiffusionLoss(sde, weighting=ELBO()).term(model, x0, t, noise=eps)
         h = 1e-6
 
         def snr(u, sched=sched):
@@ -181,11 +194,11 @@ def test_elbo_is_the_limit_of_n_times_the_discrete_kl():
     t = torch.tensor([0.1, 0.3, 0.5, 0.8], dtype=F64)
     x0, eps = data(4)
     model = Model(toy_net, "eps")
-    cont = DiffusionLoss(SDE(LinearVP()), weighting="elbo").term(model, x0, t, noise=eps)
+    cont = DiffusionLoss(SDE(LinearVP()), weighting=ELBO()).term(model, x0, t, noise=eps)
     errs = []
     for N in (100, 1000, 10000):
         sched = DiscreteVP.ddpm(N, beta_start=0.1 / N, beta_end=20.0 / N)
-        disc = DiffusionLoss(SDE(sched), weighting="vlb").term(model, x0, t, noise=eps)
+        disc = VLBLoss(SDE(sched)).term(model, x0, t, noise=eps)
         errs.append(float(((N * disc - cont) / cont).abs().max()))
     assert errs[-1] < 2e-3, errs
     assert errs[0] / errs[1] > 5 and errs[1] / errs[2] > 5, errs  # first order in 1/N
@@ -197,8 +210,8 @@ def test_likelihood_weighting_is_g2_score_matching_and_equals_elbo():
         t = torch.tensor([0.05, 0.4, 0.7], dtype=F64)
         x0, eps = data(3)
         model = Model(toy_net, "eps")
-        lik = DiffusionLoss(sde, weighting="likelihood").term(model, x0, t, noise=eps)
-        elbo = DiffusionLoss(sde, weighting="elbo").term(model, x0, t, noise=eps)
+        lik = DiffusionLoss(sde, weighting=Likelihood()).term(model, x0, t, noise=eps)
+        elbo = DiffusionLoss(sde, weighting=ELBO()).term(model, x0, t, noise=eps)
         x_t = sde.marginal_sample(x0, t, noise=eps)[0]
         sigma = sched.sigma(t)[:, None]
         true_score = -eps / sigma  # grad log q(x_t | x0)
@@ -233,7 +246,10 @@ def test_mse_conversions_are_exact():
             torch.testing.assert_close(e_v, (1 + torch.exp(-lam)) * e_eps, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("weighting", [w for w in WEIGHTINGS if w not in ("vlb", "mse")])
+WEIGHTINGS = [Simple, Likelihood, ELBO, Sigmoid, EDM, IDDPM, VMSE, X0MSE]  # MSE is space-dependent
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS, ids=lambda w: w.__name__)
 def test_objective_does_not_depend_on_the_compared_space(weighting):
     for sched in (LinearVP(), VE()):
         sde = SDE(sched)
@@ -242,7 +258,7 @@ def test_objective_does_not_depend_on_the_compared_space(weighting):
         for kind in ("eps", "x0", "v"):
             model = Model(toy_net, kind)
             vals = [
-                DiffusionLoss(sde, prediction=p, weighting=weighting).term(model, x0, t, noise=eps)
+                DiffusionLoss(sde, prediction=p, weighting=weighting()).term(model, x0, t, noise=eps)
                 for p in ("eps", "x0", "v", "score")
             ]
             for v in vals[1:]:
@@ -255,7 +271,7 @@ def test_objective_does_not_depend_on_the_compared_space(weighting):
 def test_simple_is_ddpm_algorithm_1():
     """Uniform step, eps-MSE averaged over dimensions, exactly; the draw order is t first, then noise."""
     sde = SDE(DiscreteVP.ddpm(1000))
-    loss = DiffusionLoss(sde)  # weighting="simple", uniform, discrete (the schedule has a grid)
+    loss = DiffusionLoss(sde)  # weighting=Simple(), uniform, discrete (the schedule has a grid)
     assert loss.discrete and loss.reduction == "mean"
     x0, _ = data(8)
     model = Model(toy_net, "eps")
@@ -272,14 +288,12 @@ def test_simple_is_ddpm_algorithm_1():
 
 def test_kg_sigmoid_tends_to_elbo_and_simple_has_w_equal_2_over_minus_dlambda():
     lam = torch.linspace(-12, 12, 101, dtype=F64)
-    torch.testing.assert_close(
-        kg_weight("sigmoid", lam, sigmoid_bias=60.0), torch.ones_like(lam), rtol=0, atol=1e-20
-    )
+    torch.testing.assert_close(Sigmoid(bias=60.0).w(lam), torch.ones_like(lam), rtol=0, atol=1e-20)
     sched = LinearVP()
     t = torch.linspace(0.01, 1, 50, dtype=F64)
-    simple = DiffusionLoss(SDE(sched), weighting="simple", reduction="sum")
+    simple = DiffusionLoss(SDE(sched), weighting=Simple(), reduction="sum")
     torch.testing.assert_close(simple.kg_weight(t), 2 / -sched.dlog_snr_dt(t), rtol=1e-12, atol=0)
-    for w in ("elbo", "likelihood"):
+    for w in (ELBO(), Likelihood()):
         torch.testing.assert_close(DiffusionLoss(SDE(sched), weighting=w).kg_weight(t), torch.ones_like(t))
 
 
@@ -295,9 +309,9 @@ def test_kg_weights_are_the_cosine_schedule_mses():
     def term(weighting, **kw):
         return DiffusionLoss(sde, weighting=weighting, reduction="sum", **kw).term(model, x0, t, noise=eps)
 
-    torch.testing.assert_close(term("iddpm"), math.pi * term("simple"), rtol=1e-10, atol=0)
-    torch.testing.assert_close(term("v_mse"), math.pi / 2 * term("mse", prediction="v"), rtol=1e-10, atol=0)
-    torch.testing.assert_close(term("x0_mse"), math.pi * term("mse", prediction="x0"), rtol=1e-10, atol=0)
+    torch.testing.assert_close(term(IDDPM()), math.pi * term(Simple()), rtol=1e-10, atol=0)
+    torch.testing.assert_close(term(VMSE()), math.pi / 2 * term(MSE(), prediction="v"), rtol=1e-10, atol=0)
+    torch.testing.assert_close(term(X0MSE()), math.pi * term(MSE(), prediction="x0"), rtol=1e-10, atol=0)
 
 
 def test_edm_weighting_reproduces_edms_loss():
@@ -313,7 +327,7 @@ def test_edm_weighting_reproduces_edms_loss():
     delta = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.05, 0.4], dtype=F64)
     x0 = torch.zeros(n, D, dtype=F64)
     model = Model(lambda x, tt: x0 + delta, "x0")
-    loss = DiffusionLoss(sde, weighting="edm", t_min=0.0, t_max=1.0)
+    loss = DiffusionLoss(sde, weighting=EDM(), t_min=0.0, t_max=1.0)
     ell = loss.term(
         model, x0, t, noise=torch.randn(n, D, generator=torch.Generator().manual_seed(0), dtype=F64)
     )
@@ -344,8 +358,8 @@ def _deterministic_problem(sde, B):
 def test_time_samplers_are_unbiased(discrete, sampling):
     sched = DiscreteVP.ddpm(100) if discrete else LinearVP()
     sde = SDE(sched)
-    weighting = "simple"
-    loss = DiffusionLoss(sde, weighting=weighting, time_sampling=sampling, discrete=discrete)
+    sampler = Importance() if sampling == "importance" else LogSNRUniform()
+    loss = DiffusionLoss(sde, weighting=Simple(), time_sampler=sampler, discrete=discrete)
     x0, model = _deterministic_problem(sde, 4096)
     # the exact objective J = E_{t ~ uniform}[ell(t)]
     if discrete:
@@ -366,7 +380,7 @@ def test_time_samplers_are_unbiased(discrete, sampling):
     m, se = float(vals.mean()), float(vals.std() / math.sqrt(vals.numel()))
     assert abs(m - J) < 4 * se + 1e-12 * abs(J), (m, J, se)
     # the importance sampler is far better than uniform on this deterministic integrand
-    uni = DiffusionLoss(sde, weighting=weighting, discrete=discrete)
+    uni = DiffusionLoss(sde, weighting=Simple(), discrete=discrete)
     uvals = torch.cat([uni(model, x0, generator=g) for _ in range(2)])
     if sampling == "importance":
         assert float(vals.std()) < 0.2 * float(uvals.std())
@@ -376,7 +390,7 @@ def test_time_samplers_are_unbiased(discrete, sampling):
 
 def test_log_snr_sampling_is_uniform_in_lambda_and_discrete_times_lie_on_the_grid():
     sched = LinearVP()
-    loss = DiffusionLoss(SDE(sched), time_sampling="log_snr", t_min=1e-3)
+    loss = DiffusionLoss(SDE(sched), time_sampler=LogSNRUniform(), t_min=1e-3)
     t, _ = loss.sample_t(20000, generator=torch.Generator().manual_seed(0))
     lam = sched.log_snr(t)
     lo, hi = float(sched.log_snr(1.0)), float(sched.log_snr(1e-3))
@@ -396,11 +410,11 @@ def test_log_snr_sampling_is_uniform_in_lambda_and_discrete_times_lie_on_the_gri
 
 def test_importance_history_state_roundtrip_and_manual_update():
     sde = SDE(DiscreteVP.ddpm(20))
-    a = DiffusionLoss(sde, time_sampling="importance", min_count=2)
+    a = DiffusionLoss(sde, time_sampler=Importance(min_count=2))
     x0, model = _deterministic_problem(sde, 64)
     for k in range(5):
         a(model, x0, generator=torch.Generator().manual_seed(k))
-    b = DiffusionLoss(sde, time_sampling="importance", min_count=2, auto_update=False)
+    b = DiffusionLoss(sde, time_sampler=Importance(min_count=2, auto_update=False))
     b.load_state_dict(a.state_dict())
     assert b.warmed_up
     ta, wa = a.sample_t(8, generator=torch.Generator().manual_seed(1))
@@ -422,9 +436,9 @@ def test_importance_history_state_roundtrip_and_manual_update():
 @pytest.mark.parametrize(
     "sched,weighting,sampling",
     [
-        (DiscreteVP.ddpm(1000), "simple", "uniform"),
-        (LinearVP(), "elbo", "log_snr"),
-        (VE(), "sigmoid", "uniform"),
+        (DiscreteVP.ddpm(1000), Simple(), Uniform()),
+        (LinearVP(), ELBO(), LogSNRUniform()),
+        (VE(), Sigmoid(), Uniform()),
     ],
 )
 def test_the_exact_eps_of_gaussian_data_minimises_the_loss(sched, weighting, sampling):
@@ -436,7 +450,7 @@ def test_the_exact_eps_of_gaussian_data_minimises_the_loss(sched, weighting, sam
     def perturbed(x, t):
         return exact(x, t) * 1.05 + 0.03
 
-    loss = DiffusionLoss(sde, weighting=weighting, time_sampling=sampling)
+    loss = DiffusionLoss(sde, weighting=weighting, time_sampler=sampling)
     a = loss(exact, x0, generator=torch.Generator().manual_seed(1))
     b = loss(perturbed, x0, generator=torch.Generator().manual_seed(1))  # common random numbers
     diff = b - a
@@ -451,12 +465,12 @@ def test_generator_makes_the_loss_reproducible_and_works_with_nets_and_bare_call
     x0 = torch.randn(16, 2)
     torch.manual_seed(0)
     net = MLP(2, hidden=32, depth=1, emb_dim=16)
-    for ts in TIME_SAMPLINGS:
-        loss = DiffusionLoss(sde, weighting="sigmoid", time_sampling=ts)
+    for ts in (Uniform(), LogSNRUniform(), Importance()):
+        loss = DiffusionLoss(sde, weighting=Sigmoid(), time_sampler=ts)
         a = loss(net, x0, generator=torch.Generator().manual_seed(3))  # bare module = eps-predictor
         b = loss(Model(net, "eps"), x0, generator=torch.Generator().manual_seed(3))
         assert a.shape == (16,) and a.dtype == torch.float32
-        if ts != "importance":  # the history moved on between the calls
+        if not isinstance(ts, Importance):  # the history moved on between the calls
             torch.testing.assert_close(a, b)
         a.mean().backward()
         assert all(p.grad is not None for p in net.parameters())
@@ -469,12 +483,11 @@ def _message(excinfo):
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        ({"weighting": "l2"}, "weighting must be one of"),
+        ({"weighting": "l2"}, "weighting must be a Weighting object, e.g. ELBO()"),
         ({"prediction": "noise"}, "prediction must be one of"),
-        ({"time_sampling": "cosine"}, "time_sampling must be one of"),
+        ({"time_sampler": "cosine"}, "time_sampler must be a TimeSampler object, e.g. Uniform()"),
         ({"reduction": "avg"}, "reduction must be one of"),
-        ({"weighting": "vlb"}, "weighting needs a DiscreteVP schedule"),
-        ({"discrete": True}, "discrete=True"),
+        ({"discrete": True}, "discrete"),
         ({"t_min": -0.1}, "t_min"),
         ({"t_min": 0.5, "t_max": 0.4}, "t_min"),
         ({"t_max": 1.5}, "t_max"),
@@ -487,8 +500,15 @@ def test_bad_configuration_is_rejected_at_construction(kwargs, needle):
     assert needle in _message(excinfo)
     if "must be one of" in needle:
         option = next(iter(kwargs))
-        allowed = {"weighting": WEIGHTINGS, "time_sampling": TIME_SAMPLINGS}.get(option, ())
+        allowed = {"prediction": ("eps", "x0", "score", "v"), "reduction": ("mean", "sum")}[option]
         assert all(repr(a) in _message(excinfo) for a in allowed)
+
+
+def test_the_vlb_needs_a_discrete_schedule():
+    with pytest.raises(ValueError, match="needs a DiscreteVP schedule"):
+        VLBLoss(SDE(LinearVP()))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        VLBLoss(SDE(DiscreteVP.ddpm(10)), decoder="laplace")
 
 
 def test_discrete_range_outside_the_grid_is_rejected():
@@ -511,7 +531,7 @@ def test_wrapped_models_keep_their_prediction_kind_and_autocast_gives_float32_lo
         def forward(self, x, t):
             return self.module(x, t)
 
-    loss = DiffusionLoss(SDE(LinearVP()), weighting="elbo")
+    loss = DiffusionLoss(SDE(LinearVP()), weighting=ELBO())
     x0 = torch.randn(8, 2)
     a = loss(model, x0, generator=torch.Generator().manual_seed(0))
     b = loss(Wrapper(model), x0, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdediff import SDE, DiscreteVP, LinearVP, Model
-from sdediff.losses import DiffusionLoss
+from sdediff.losses import DiffusionLoss, Simple, Uniform
 from sdediff.nets import MLP, TimeEmbedding, UNet, sinusoidal_embedding
 
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=8, dropout=0.0)
@@ -158,7 +158,7 @@ def test_mlp_learns_a_toy_problem_with_the_loss():
     sde = SDE(LinearVP())
     net = MLP(2, hidden=64, depth=2, emb_dim=32, zero_init=True)
     model = Model(net, "eps")
-    loss = DiffusionLoss(sde, weighting="simple", time_sampling="uniform")
+    loss = DiffusionLoss(sde, weighting=Simple(), time_sampler=Uniform())
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     scale = torch.tensor([0.05, 0.05])

@@ -398,6 +398,12 @@ def instantiate_at(node: DictConfig, key: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
+        m = re.match(r"Error (?:loading|locating target) '([^']+)'", str(e))
+        if m:  # a _target_ that cannot be imported: name its key
+            where = _target_key(node, m.group(1), key) or f"{key}._target_"
+            cause = e.__cause__ or e
+            why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise ArgumentError(where, m.group(1), f"cannot be imported ({why})") from None
         inner = None
         for line in str(e).splitlines():
             if line.startswith("full_key:"):
@@ -414,6 +420,24 @@ def instantiate_at(node: DictConfig, key: str, **kwargs):
         raise _Located(full, cause if cause is not None else e) from None
     except (ValueError, TypeError) as e:
         raise _Located(key, e) from None
+
+
+def _target_key(node, target: str, key: str) -> str | None:
+    """The dotted key of the ``_target_`` equal to ``target`` in the config tree ``node``."""
+    if isinstance(node, DictConfig):
+        for k, v in node.items_ex(resolve=False):
+            sub = f"{key}.{k}"
+            if k == "_target_" and v == target:
+                return sub
+            found = _target_key(v, target, sub)
+            if found:
+                return found
+    elif OmegaConf.is_list(node):
+        for i, v in enumerate(node):
+            found = _target_key(v, target, f"{key}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class _Located(ConfigError):
