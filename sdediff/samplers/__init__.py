@@ -31,11 +31,11 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..sde import SDE
 from ..timegrids import GRIDS, get_times
-from .ancestral import ancestral
+from .posterior import ancestral
 from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
 from .dpm import dpm_solver
 from .ode import pf_ode, via_torchdiffeq
-from .pc import pc
+from .langevin import pc
 from .reverse_sde import euler_maruyama, via_torchsde
 
 __all__ = [
@@ -302,16 +302,17 @@ class Sampler:
             self(null_net, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
 
     def __call__(self, model, sde: SDE, *, shape=None, x_T=None, generator=None, **kwargs):
-        """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``."""
+        """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``;
+        ``steps``, ``grid``, ``t_min`` and options given here override the configuration's."""
+        fixed = {"steps": self.steps, "grid": self.grid, "t_min": self.t_min}
+        fixed.update({k: kwargs.pop(k) for k in list(fixed) if k in kwargs})
         return sample(
             model,
             sde,
             sampler=self.name,
-            steps=self.steps,
             shape=shape,
             x_T=x_T,
             generator=generator,
-            grid=self.grid,
-            t_min=self.t_min,
+            **fixed,
             **{**self.options, **kwargs},
         )
