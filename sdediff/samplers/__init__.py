@@ -31,11 +31,11 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..sde import SDE
 from ..timegrids import GRIDS, get_times
-from .posterior import ancestral
 from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
 from .dpm import dpm_solver
-from .ode import pf_ode, via_torchdiffeq
 from .langevin import pc
+from .ode import pf_ode, via_torchdiffeq
+from .posterior import ancestral
 from .reverse_sde import euler_maruyama, via_torchsde
 
 __all__ = [
