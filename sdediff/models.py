@@ -23,6 +23,7 @@ from .sde import SDE, append_dims, coef_dtype
 
 __all__ = ["Model", "as_model", "convert", "raw_net", "PREDICTIONS"]
 
+
 class Model(nn.Module):
     """Wrap ``net(x, t) -> prediction`` with its prediction kind.
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..lattice import scaling, to_lattice
 from ..sde import SDE
 
 
@@ -84,3 +85,16 @@ def _model_batches(n_rows: int, B: int, max_batch: int):
     per = max(1, max_batch // B)
     for start in range(0, n_rows, per):
         yield start, min(n_rows, start + per)
+
+
+def _prepare_data(x: Tensor, decoder: str, data_range: str, dtype, name: str = "x") -> Tensor:
+    """Data for a bound: 8-bit data moved onto its exact lattice (``decoder="discretized"``), or checked
+    continuous data (``"gaussian"``), in ``dtype`` (default x's for floats, float32 for uint8)."""
+    if decoder == "discretized":
+        a, b = scaling(data_range)
+        k = to_lattice(x, data_range)
+        if dtype is None:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+        return (a * k.to(torch.float64) / 255.0 + b).to(dtype)
+    _check_finite(x, name)
+    return x if dtype is None else x.to(dtype)

@@ -10,18 +10,17 @@ from torch import Tensor
 
 from ..gaussians import VARIANCES, decoder_variance, discretized_gaussian_log_prob, prior_kl, reverse_variance
 from ..lattice import scaling as _scaling
-from ..lattice import to_lattice
 from ..models import as_model
 from ..sde import SDE
 from ._common import (
     _check_batch,
     _check_choice,
-    _check_finite,
     _check_sde,
     _check_t_eps,
     _col,
     _int_at_least,
     _model_batches,
+    _prepare_data,
     _rand,
     _randn,
 )
@@ -142,16 +141,8 @@ def discrete_vlb(
     _check_choice("variance", variance, VARIANCES)
     _check_choice("decoder", decoder, DECODERS)
     _check_batch(x0, "x0")
-    if decoder == "discretized":
-        a, b = _scaling(data_range)
-        k = to_lattice(x0, data_range)
-        if dtype is None:
-            dtype = x0.dtype if x0.is_floating_point() else torch.float32
-        x0 = (a * k.to(torch.float64) / 255.0 + b).to(dtype)
-    else:
-        _check_finite(x0, "x0")
-        if dtype is not None:
-            x0 = x0.to(dtype)
+    x0 = _prepare_data(x0, decoder, data_range, dtype, "x0")
+    a, b = _scaling(data_range)
     if n_t is not None:
         n_t = _int_at_least("n_t", n_t, 1)
     max_batch = _int_at_least("max_batch", max_batch, 1)
@@ -310,16 +301,8 @@ def continuous_elbo(
     n_t = _int_at_least("n_t", n_t, 1)
     max_batch = _int_at_least("max_batch", max_batch, 1)
     t_eps = _check_t_eps(sde, t_eps)
-    if decoder == "discretized":
-        a, b = _scaling(data_range)
-        k = to_lattice(x, data_range)
-        if dtype is None:
-            dtype = x.dtype if x.is_floating_point() else torch.float32
-        x = (a * k.to(torch.float64) / 255.0 + b).to(dtype)
-    else:
-        _check_finite(x)
-        if dtype is not None:
-            x = x.to(dtype)
+    x = _prepare_data(x, decoder, data_range, dtype)
+    a, b = _scaling(data_range)
 
     model = as_model(model)
     x = x.detach()

@@ -118,30 +118,27 @@ def step_weights(lam_s: float, lam_t: float, alpha_t: float, nodes: list[float])
     h = lam_t - lam_s
     if len(nodes) == 1:
         return [alpha_t * -math.expm1(-h)]
-    mom = _moments(h, len(nodes))
+    return [alpha_t * h * v for v in _lagrange_integrals(h, h, lam_t, nodes)]
+
+
+def _lagrange_integrals(rate: float, h: float, lam_t: float, nodes: list[float]) -> list[float]:
+    """``integral_0^1 e^{-rate u} L_j(u) du`` for the Lagrange basis ``L_j`` of the nodes mapped to
+    ``u = (lam_t - l) / h``."""
+    mom = _moments(rate, len(nodes))
     us = [(lam_t - lj) / h for lj in nodes]
-    w = []
+    out = []
     for j, uj in enumerate(us):
         others = [um for m, um in enumerate(us) if m != j]
         c = _poly_from_roots(others)
-        denom = math.prod(uj - um for um in others)
-        w.append(alpha_t * h * sum(ck * mk for ck, mk in zip(c, mom)) / denom)
-    return w
+        out.append(sum(ck * mk for ck, mk in zip(c, mom)) / math.prod(uj - um for um in others))
+    return out
 
 
 def eps_step_weights(lam_s: float, lam_t: float, sigma_t: float, nodes: list[float]) -> list[float]:
     """Noise-prediction form: ``x_t = (alpha_t/alpha_s) x_s + sum_j w_j eps(nodes[j])`` with
     ``w_j = -sigma_t h integral_0^1 e^{h u} L_j(u) du`` (exact integral of the interpolant)."""
     h = lam_t - lam_s
-    mom = _moments(-h, len(nodes))
-    us = [(lam_t - lj) / h for lj in nodes]
-    w = []
-    for j, uj in enumerate(us):
-        others = [um for m, um in enumerate(us) if m != j]
-        c = _poly_from_roots(others)
-        denom = math.prod(uj - um for um in others)
-        w.append(-sigma_t * h * sum(ck * mk for ck, mk in zip(c, mom)) / denom)
-    return w
+    return [-sigma_t * h * v for v in _lagrange_integrals(-h, h, lam_t, nodes)]
 
 
 def _lu_weights(lam_s: float, lam_t: float, alpha_t: float, nodes: list[float]) -> list[float]:
