@@ -581,39 +581,8 @@ def train(
     if deterministic is None:
         deterministic = dev.type == "cpu"
 
-    # -- data ----------------------------------------------------------------------------------------
-    if isinstance(data, Tensor) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        batches: Batches | _IterBatches = Batches(
-            data, batch_size, seed=seed, rank=rank, world_size=world, device=dev
-        )
-    elif isinstance(data, Iterable):
-        batches = _IterBatches(data, dev)
-    else:
-        raise ConfigError(
-            f"data must be a tensor, a dataset or an iterable of batches, got {type(data).__name__}"
-        )
-    batches.check_finite()
-    if dequantize:
-        batches.check_8bit()
-
-    # -- output directory and checkpoint to resume ----------------------------------------------------
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ArgumentError("out_dir", str(out), "must be a directory (it is a file); choose another path")
-    loaded = None
-    if resume not in (False, None):
-        if resume is True and out is None:
-            raise ArgumentError("train.resume", True, "needs an out_dir to find the checkpoint in")
-        loaded = _find_resume(out if resume is True else Path(resume), explicit=resume is not True)
-    elif out is not None and ckpt.find_checkpoints(out):
-        raise ArgumentError(
-            "out_dir",
-            str(out),
-            "must not hold checkpoints of another run (pass train.resume=true to continue it, or choose "
-            "a new output directory)",
-        )
-    if ckpt_every and out is None:
-        raise ArgumentError("train.ckpt_every", ckpt_every, "must be 0 without an output directory")
+    batches = _make_batches(data, batch_size, seed, rank, world, dev, dequantize)
+    out, loaded = _open_output(out_dir, resume, ckpt_every)
 
     # -- model, EMA, optimizer -------------------------------------------------------------------------
     shape = tuple(batches.get(0).shape[1:])
@@ -639,12 +608,14 @@ def train(
     noise = torch.Generator(device=dev).manual_seed(_mix(seed, rank, 1))
     torch.manual_seed(_mix(seed, rank, 2))
     start = 0
-    last_good: Path | None = None
+    saver = _Checkpointer(
+        out, model, ema, opt, noise, dev, batches, loss_fn, config, keep_checkpoints, run_args
+    )
     if loaded is not None:
         start = _restore(
             loaded, model, ema, opt, noise, loss_fn, config, dev, run_args, rank, world, allow_config_change
         )
-        last_good = Path(loaded[1]["path"])
+        saver.last_good = last_good = Path(loaded[1]["path"])
         if start >= steps:  # a finished run: nothing to train, nothing written
             return TrainResult(
                 model=model,
@@ -695,45 +666,9 @@ def train(
             leave=True,
         )
 
-    def check_finite(step: int) -> None:
-        """Raise TrainingError unless the losses not yet checked and the weights are finite (one sync)."""
-        flags = [torch.stack(pending).isfinite().all()] if pending else []
-        flags += [torch.isfinite(p).all() for p in model.parameters()]
-        if ema is not None:
-            flags += [torch.isfinite(p).all() for p in ema.module.parameters()]
-        ok = torch.stack(flags).all().to(torch.int32)
-        if world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if bool(ok):
-            return
-        what = "the parameters became non-finite"
-        if pending:
-            chunk = torch.stack(pending).cpu()
-            bad = (~torch.isfinite(chunk)).nonzero()
-            if len(bad):
-                i = int(bad[0, 0])
-                what = f"the loss became {float(chunk[i])} at step {step - len(chunk) + 1 + i}"
-        raise TrainingError(_failure(what, step, last_good))
-
-    def save(step: int) -> Path | None:
-        if out is None:
-            return None
-        check_finite(step)  # never write (or rotate in) a non-finite state
-        rng = [_rng_states(noise, dev)]
-        if world > 1:  # every rank's generators, so that each continues its own stream
-            rng = [None] * world
-            dist.all_gather_object(rng, _rng_states(noise, dev))
-        if rank != 0:
-            return None
-        return _save(out, step, model, ema, opt, rng, batches, loss_fn, config, keep_checkpoints, run_args)
-
-    losses: list[Tensor] = []
-    gnorms: list[Tensor] = []
-    pending: list[Tensor] = []
-    pending_g: list[Tensor] = []
+    window = _Window(start, batch_size, world, writer, bar, saver)
     last_ckpt: Path | None = None
-    t0 = t_log = time.perf_counter()
-    step_log = start
+    t0 = time.perf_counter()
     det_before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -758,58 +693,26 @@ def train(
                 loss = loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip is not None:
-                pending_g.append(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True).detach())
+            gnorm = (
+                None if grad_clip is None else torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+            )
             opt.step()
             if ema is not None:
                 ema.update(model, step)
-            pending.append(loss.detach())
+            window.add(loss.detach(), gnorm)
             done = step + 1
             if bar is not None:
                 bar.update(1)
             if callback is not None:
                 callback(done, {"loss": loss.detach(), "lr": cur_lr, "model": model, "ema": ema})
             if done % log_every == 0 or done == steps:
-                chunk = torch.stack(pending)
-                if world > 1:
-                    dist.all_reduce(chunk, op=dist.ReduceOp.SUM)
-                    chunk /= world
-                chunk = chunk.cpu()
-                gchunk = torch.stack(pending_g).cpu() if pending_g else torch.empty(0)
-                losses.append(chunk)
-                gnorms.append(gchunk)
-                pending.clear()
-                pending_g.clear()
-                if not bool(torch.isfinite(chunk).all()):
-                    i = int((~torch.isfinite(chunk)).nonzero()[0, 0])
-                    what = f"the loss became {float(chunk[i])} at step {done - len(chunk) + 1 + i}"
-                    raise TrainingError(_failure(what, done, last_good))
-                now = time.perf_counter()
-                rate = (done - step_log) / max(now - t_log, 1e-9)
-                row = {
-                    "step": done,
-                    "epoch": batches.epoch_of(step),
-                    "lr": cur_lr,
-                    "loss": float(chunk.double().mean()),
-                    "grad_norm": float(gchunk.double().mean()) if len(gchunk) else "",
-                    "steps_per_s": round(rate, 3),
-                    "samples_per_s": round(rate * batch_size, 1),
-                    "elapsed_s": round(now - t0, 2),
-                }
-                t_log, step_log = now, done
-                if writer is not None:
-                    writer.write(row)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.0f}", refresh=False
-                    )
+                window.close(done, batches.epoch_of(step), cur_lr, time.perf_counter() - t0)
             if ckpt_every and done % ckpt_every == 0 and done != steps:
-                last_ckpt = save(done) or last_ckpt
-                last_good = last_ckpt or last_good
+                last_ckpt = saver.save(done, window.pending) or last_ckpt
                 if world > 1:
                     dist.barrier()
         if start < steps:
-            last_ckpt = save(steps) or last_ckpt
+            last_ckpt = saver.save(steps, window.pending) or last_ckpt
         if world > 1:
             dist.barrier()
     finally:
@@ -827,14 +730,170 @@ def train(
         ema=ema.module if ema is not None else None,
         step=max(steps, start),
         start_step=start,
-        losses=torch.cat(losses) if losses else torch.empty(0),
-        grad_norms=torch.cat(gnorms) if gnorms else torch.empty(0),
+        losses=torch.cat(window.losses) if window.losses else torch.empty(0),
+        grad_norms=torch.cat(window.gnorms) if window.gnorms else torch.empty(0),
         elapsed_s=elapsed,
         samples_per_s=n * batch_size / elapsed if n > 0 else 0.0,
         checkpoint=last_ckpt,
         out_dir=out,
         extra={"resumed_from": str(loaded[1]["path"]) if loaded is not None else None},
     )
+
+
+def _make_batches(data, batch_size, seed, rank, world, dev, dequantize) -> Batches | _IterBatches:
+    """This rank's batches of ``data``, checked: finite values, and 8-bit values when dequantizing."""
+    if isinstance(data, Tensor) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        batches: Batches | _IterBatches = Batches(
+            data, batch_size, seed=seed, rank=rank, world_size=world, device=dev
+        )
+    elif isinstance(data, Iterable):
+        batches = _IterBatches(data, dev)
+    else:
+        raise ConfigError(
+            f"data must be a tensor, a dataset or an iterable of batches, got {type(data).__name__}"
+        )
+    batches.check_finite()
+    if dequantize:
+        batches.check_8bit()
+    return batches
+
+
+def _open_output(out_dir, resume, ckpt_every):
+    """``(out, loaded)``: the output directory (checked) and the checkpoint to resume (or ``None``)."""
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ArgumentError("out_dir", str(out), "must be a directory (it is a file); choose another path")
+    loaded = None
+    if resume not in (False, None):
+        if resume is True and out is None:
+            raise ArgumentError("train.resume", True, "needs an out_dir to find the checkpoint in")
+        loaded = _find_resume(out if resume is True else Path(resume), explicit=resume is not True)
+    elif out is not None and ckpt.find_checkpoints(out):
+        raise ArgumentError(
+            "out_dir",
+            str(out),
+            "must not hold checkpoints of another run (pass train.resume=true to continue it, or choose "
+            "a new output directory)",
+        )
+    if ckpt_every and out is None:
+        raise ArgumentError("train.ckpt_every", ckpt_every, "must be 0 without an output directory")
+    return out, loaded
+
+
+class _Checkpointer:
+    """Writes checkpoints that are never non-finite, and remembers the last good one."""
+
+    def __init__(self, out, model, ema, opt, noise, dev, batches, loss_fn, config, keep, run_args):
+        self.out, self.model, self.ema, self.opt, self.noise, self.dev = out, model, ema, opt, noise, dev
+        self.batches, self.loss_fn, self.config, self.keep, self.run_args = (
+            batches,
+            loss_fn,
+            config,
+            keep,
+            run_args,
+        )
+        self.world, self.rank, _ = dist_env()
+        self.last_good: Path | None = None
+
+    def check_finite(self, step: int, pending: list[Tensor]) -> None:
+        """Raise TrainingError unless the losses not yet checked and the weights are finite (one sync)."""
+        flags = [torch.stack(pending).isfinite().all()] if pending else []
+        flags += [torch.isfinite(p).all() for p in self.model.parameters()]
+        if self.ema is not None:
+            flags += [torch.isfinite(p).all() for p in self.ema.module.parameters()]
+        ok = torch.stack(flags).all().to(torch.int32)
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return
+        what = "the parameters became non-finite"
+        if pending:
+            chunk = torch.stack(pending).cpu()
+            bad = (~torch.isfinite(chunk)).nonzero()
+            if len(bad):
+                i = int(bad[0, 0])
+                what = f"the loss became {float(chunk[i])} at step {step - len(chunk) + 1 + i}"
+        raise TrainingError(_failure(what, step, self.last_good))
+
+    def save(self, step: int, pending: list[Tensor]) -> Path | None:
+        """Check, then write the checkpoint of ``step`` (rank 0; every rank's generators gathered)."""
+        if self.out is None:
+            return None
+        self.check_finite(step, pending)  # never write (or rotate in) a non-finite state
+        rng = [_rng_states(self.noise, self.dev)]
+        if self.world > 1:  # every rank's generators, so that each continues its own stream
+            rng = [None] * self.world
+            dist.all_gather_object(rng, _rng_states(self.noise, self.dev))
+        if self.rank != 0:
+            return None
+        path = _save(
+            self.out,
+            step,
+            self.model,
+            self.ema,
+            self.opt,
+            rng,
+            self.batches,
+            self.loss_fn,
+            self.config,
+            self.keep,
+            self.run_args,
+        )
+        self.last_good = path
+        return path
+
+
+class _Window:
+    """The losses (and gradient norms) since the last log row: kept on the device, synced once a row."""
+
+    def __init__(self, start: int, batch_size: int, world: int, writer, bar, saver: _Checkpointer):
+        self.batch_size, self.world, self.writer, self.bar, self.saver = batch_size, world, writer, bar, saver
+        self.pending: list[Tensor] = []
+        self.pending_g: list[Tensor] = []
+        self.losses: list[Tensor] = []
+        self.gnorms: list[Tensor] = []
+        self.t_log, self.step_log, self.elapsed = time.perf_counter(), start, 0.0
+
+    def add(self, loss: Tensor, gnorm: Tensor | None) -> None:
+        self.pending.append(loss)
+        if gnorm is not None:
+            self.pending_g.append(gnorm.detach())
+
+    def close(self, done: int, epoch: int, lr: float, elapsed: float) -> None:
+        """Average over ranks, check finiteness, write a metrics row."""
+        chunk = torch.stack(self.pending)
+        if self.world > 1:
+            dist.all_reduce(chunk, op=dist.ReduceOp.SUM)
+            chunk /= self.world
+        chunk = chunk.cpu()
+        gchunk = torch.stack(self.pending_g).cpu() if self.pending_g else torch.empty(0)
+        self.losses.append(chunk)
+        self.gnorms.append(gchunk)
+        self.pending.clear()
+        self.pending_g.clear()
+        if not bool(torch.isfinite(chunk).all()):
+            i = int((~torch.isfinite(chunk)).nonzero()[0, 0])
+            what = f"the loss became {float(chunk[i])} at step {done - len(chunk) + 1 + i}"
+            raise TrainingError(_failure(what, done, self.saver.last_good))
+        now = time.perf_counter()
+        rate = (done - self.step_log) / max(now - self.t_log, 1e-9)
+        row = {
+            "step": done,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": float(chunk.double().mean()),
+            "grad_norm": float(gchunk.double().mean()) if len(gchunk) else "",
+            "steps_per_s": round(rate, 3),
+            "samples_per_s": round(rate * self.batch_size, 1),
+            "elapsed_s": round(elapsed, 2),
+        }
+        self.t_log, self.step_log = now, done
+        if self.writer is not None:
+            self.writer.write(row)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.0f}", refresh=False
+            )
 
 
 def _failure(what: str, step: int, last_good: Path | None) -> str:
