@@ -37,9 +37,41 @@ from ..sde import SDE, append_dims, coef_dtype
 from .time_sampling import TimeSampler, Uniform
 from .weightings import Simple, Weighting
 
-__all__ = ["DiffusionLoss", "REDUCTIONS"]
+__all__ = ["DiffusionLoss", "REDUCTIONS", "time_range"]
 
 REDUCTIONS = ("mean", "sum")
+
+
+def time_range(schedule, t_min, t_max, discrete: bool, owner: str) -> tuple[float, float, Tensor | None]:
+    """``(t_min, t_max, steps)`` of a loss: defaults ``schedule.default_t_min`` and T, checked
+    (``0 <= t_min < t_max <= T``, a finite log-SNR on a continuous range), and for a discrete loss the
+    1-based indices of the grid times ``i / N`` lying in the range (``None`` for continuous time)."""
+    T = float(schedule.T)
+    t_min = float(schedule.default_t_min) if t_min is None else float(t_min)
+    t_max = T if t_max is None else float(t_max)
+    if not (math.isfinite(t_min) and math.isfinite(t_max)) or not 0.0 <= t_min < t_max <= T + 1e-12:
+        raise ArgumentError(
+            "t_min", t_min, f"must satisfy 0 <= t_min < t_max <= T = {T:g} (t_max = {t_max:g})", owner
+        )
+    t_max = min(t_max, T)
+    if not discrete:
+        lam_ends = schedule.log_snr(torch.tensor([t_min, t_max], dtype=torch.float64))
+        if not bool(torch.isfinite(lam_ends).all()):
+            raise ArgumentError(
+                "t_min",
+                t_min,
+                "must have a finite log-SNR (sigma vanishes there): pass t_min > 0, e.g. "
+                f"{schedule.default_t_min:g}",
+                owner,
+            )
+        return t_min, t_max, None
+    grid = schedule.timesteps
+    sel = torch.nonzero((grid >= t_min - 1e-9) & (grid <= t_max + 1e-9)).flatten()
+    if sel.numel() == 0:
+        raise ArgumentError(
+            "t_min", t_min, f"no grid time lies in [t_min, t_max] = [{t_min:g}, {t_max:g}]", owner
+        )
+    return t_min, t_max, sel + 1
 
 
 class DiffusionLoss:
@@ -107,50 +139,20 @@ class DiffusionLoss:
                 "continuous-time training",
                 type(self).__name__,
             )
-        # -- time range --------------------------------------------------------------------------------
-        T = float(sched.T)
-        t_min = float(sched.default_t_min) if t_min is None else float(t_min)
-        t_max = T if t_max is None else float(t_max)
-        if not (math.isfinite(t_min) and math.isfinite(t_max)) or not 0.0 <= t_min < t_max <= T + 1e-12:
-            raise ArgumentError(
-                "t_min",
-                t_min,
-                f"must satisfy 0 <= t_min < t_max <= T = {T:g} (t_max = {t_max:g})",
-                type(self).__name__,
-            )
-        t_max = min(t_max, T)
-        if not self.discrete:
-            lam_ends = sched.log_snr(torch.tensor([t_min, t_max], dtype=torch.float64))
-            if not bool(torch.isfinite(lam_ends).all()):
-                raise ArgumentError(
-                    "t_min",
-                    t_min,
-                    "must have a finite log-SNR (sigma vanishes there): pass t_min > 0, e.g. "
-                    f"{sched.default_t_min:g}",
-                    type(self).__name__,
-                )
-        self.t_min, self.t_max = t_min, t_max
+        self.t_min, self.t_max, self._steps = time_range(
+            sched, t_min, t_max, self.discrete, type(self).__name__
+        )
         if self.discrete:
-            grid = sched.timesteps
-            self.N = grid.numel()
-            sel = torch.nonzero((grid >= t_min - 1e-9) & (grid <= t_max + 1e-9)).flatten()
-            if sel.numel() == 0:
-                raise ArgumentError(
-                    "t_min",
-                    t_min,
-                    f"no grid time lies in [t_min, t_max] = [{t_min:g}, {t_max:g}]",
-                    type(self).__name__,
-                )
-            self._steps = sel + 1  # grid indices i (t_i = i / N) in range, 1-based
+            self.N = sched.timesteps.numel()
             self.range_measure = float(self._steps.numel())
             t_grid = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
             self._c_eps = torch.cat(
                 [torch.zeros(1, dtype=torch.float64), weighting.eps_weight(sched, t_grid)]
             )
         else:
-            self.N, self._steps = None, None
-            self.range_measure = t_max - t_min
-        time_sampler.prepare(sched, t_min, t_max, self._steps)
+            self.N = None
+            self.range_measure = self.t_max - self.t_min
+        time_sampler.prepare(sched, self.t_min, self.t_max, self._steps)
         self._cache: dict = {}
         self.last_t: Tensor | None = None
         self.last_term: Tensor | None = None
