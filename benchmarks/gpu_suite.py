@@ -235,19 +235,43 @@ def correctness(a, dev, smoke: bool) -> dict:
 DDP_WORKER = HERE / "_gpu_ddp_worker.py"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _torchrun(nproc: int, device: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """torchrun on this machine with an explicit free port (no rendezvous service to race for); on a
+    timeout the whole process group is killed, so no rank is left waiting for the others."""
+    import signal
+
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        "--nnodes=1",
+        "--node_rank=0",
         f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
         str(DDP_WORKER),
         device,
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return subprocess.CompletedProcess(cmd, -9, stdout, (stderr or "") + f"\ntimed out after {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def ddp(a, dev, smoke: bool) -> dict:
@@ -260,7 +284,7 @@ def ddp(a, dev, smoke: bool) -> dict:
     for name, device, n in runs:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            proc = _torchrun(n, device, Path(tmp), 240)
+            proc = _torchrun(n, device, Path(tmp), 120)
             took = time.perf_counter() - t
             if proc.returncode != 0:
                 out[name] = {"world_size": n, "ok": False, "error": proc.stdout[-1500:] + proc.stderr[-1500:]}

@@ -25,6 +25,7 @@ exactly for VP, sub-VP and DDPM. At such a point ``log_snr = +inf`` and ``dlog_s
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -42,6 +43,10 @@ def _time_tol(dtype: torch.dtype, T: float) -> float:
     if dtype.is_floating_point and dtype != torch.float64:
         return max(_TIME_TOL, 2.0 * torch.finfo(dtype).eps * max(T, 1.0))
     return _TIME_TOL
+
+
+def _frozen(v):
+    return tuple(_frozen(u) for u in v) if isinstance(v, list | tuple) else v
 
 
 def _finite(name: str, value: float, cls: str) -> float:
@@ -175,6 +180,11 @@ class Schedule:
     def config(self) -> dict:
         """The constructor arguments, JSON-serialisable (used for checkpoint metadata)."""
         raise NotImplementedError
+
+    def cache_key(self) -> tuple:
+        """A hashable value equal for schedules with equal closed forms: the class and its config (what
+        the samplers' plan caches key on, so that a changed schedule never reuses a stale plan)."""
+        return (type(self).__qualname__, tuple(sorted((k, _frozen(v)) for k, v in self.config().items())))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "betas")
@@ -411,3 +421,7 @@ class DiscreteVP(_VPBase):
 
     def config(self) -> dict:
         return {"betas": self.betas.tolist()}
+
+    def cache_key(self) -> tuple:
+        # the closed forms read the table of half log alphabar computed at construction: key on it
+        return ("DiscreteVP", hashlib.sha256(self._half_log_abar.numpy().tobytes()).hexdigest())

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -255,7 +256,26 @@ def get_times(
         )
     if grid in _USES_RHO and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"get_times: rho must be a positive number, got {rho!r}")
-    fn = GRIDS[grid]
-    t = fn(sde, steps, t_min, t_max, rho) if grid in _USES_RHO else fn(sde, steps, t_min, t_max)
-    t = _check_decreasing(t, grid)
-    return t if device is None else t.to(device)
+    t = _cached_grid(sch, sch.cache_key(), steps, grid, t_min, t_max, rho if grid in _USES_RHO else None)
+    return t.clone() if device is None else t.to(device)
+
+
+_CACHE_SIZE = 128
+_grid_cache: OrderedDict = OrderedDict()
+
+
+def _cached_grid(sch, key, steps, grid, t_min, t_max, rho) -> Tensor:
+    """The grid for ``(schedule key, steps, grid, t_min, t_max, rho)``, computed once (a bounded LRU
+    cache: a grid costs a vectorised bisection of the log-SNR, repeated sampling calls pay nothing)."""
+    k = (key, steps, grid, t_min, t_max, rho)
+    t = _grid_cache.get(k)
+    if t is None:
+        fn = GRIDS[grid]
+        t = fn(sch, steps, t_min, t_max, rho) if rho is not None else fn(sch, steps, t_min, t_max)
+        t = _check_decreasing(t, grid)
+        _grid_cache[k] = t
+        while len(_grid_cache) > _CACHE_SIZE:
+            _grid_cache.popitem(last=False)
+    else:
+        _grid_cache.move_to_end(k)
+    return t

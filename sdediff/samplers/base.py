@@ -19,8 +19,10 @@ network's *native* prediction (the conversion is folded into the coefficients th
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "table",
     "Stepper",
     "loop",
+    "planned",
     "tweedie",
 ]
 
@@ -98,12 +101,20 @@ def spec_of(fn) -> SamplerSpec:
     return spec if isinstance(spec, SamplerSpec) else SamplerSpec(getattr(inner, "__name__", "sampler"), 20)
 
 
-def option_names(fn) -> set[str] | None:
+def option_names(fn) -> frozenset[str] | None:
     """The options a sampler accepts (keyword parameters beyond the head), or None if it takes **kwargs."""
+    try:
+        return _option_names(fn)
+    except TypeError:  # unhashable callable
+        return _option_names.__wrapped__(fn)
+
+
+@lru_cache(maxsize=256)
+def _option_names(fn) -> frozenset[str] | None:
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return {p.name for p in params if p.name not in HEAD}
+    return frozenset(p.name for p in params if p.name not in HEAD)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,8 +219,35 @@ class Stepper:
         return x_new, out
 
 
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def planned(cls, sde: SDE, times: Tensor, kind: str, *args, **options):
+    """``cls(sde, times, kind, *args, **options)`` built once per (class, schedule, grid, kind, options)
+    and reused (a bounded LRU cache): a sampler's per-step coefficient plan costs schedule evaluations
+    on the host, which repeated calls should not pay. Keyed on :meth:`Schedule.cache_key`, so a changed
+    schedule, grid or option builds a new plan."""
+    key = (cls, sde.schedule.cache_key(), times.numpy().tobytes(), kind, args, tuple(sorted(options.items())))
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option: no caching
+        return cls(sde, times, kind, *args, **options)
+    if plan is None:
+        plan = cls(sde, times, kind, *args, **options)
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def loop(stepper, net, x: Tensor, tb: list[Tensor], times: Tensor, generator, callback, corrector=None):
     """Run ``stepper`` over the grid (with ``corrector(net, x, tb, i, generator)`` before each step)."""
+    for part in (stepper, corrector):
+        if part is not None:
+            part._z = None  # noise buffers belong to one call (a plan is shared across calls)
     tl = times.tolist()
     for i in range(len(tl) - 1):
         if corrector is not None:

@@ -51,7 +51,7 @@ loop does one network call, one copy and one matrix product per step, with no ho
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -201,7 +201,6 @@ def _orders(
     return out
 
 
-@lru_cache(maxsize=64)
 def _plan(
     schedule,
     times: tuple,
@@ -308,6 +307,25 @@ def _to_zero_on_its_grid(grid, options):
     return 0.0 if grid == "dpm" else None
 
 
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def _device_plan(schedule, args: tuple, device, dtype) -> tuple[Tensor, ...]:
+    """The step matrices of :func:`_plan` on ``device`` in ``dtype``, built once per (schedule key, grid,
+    options, device, dtype) and reused (a bounded LRU cache): repeated calls pay only the network."""
+    key = (schedule.cache_key(), args, str(device), dtype)
+    mats = _PLANS.get(key)
+    if mats is None:
+        mats64, _ = _plan(schedule, *args)
+        mats = _PLANS[key] = mats64.to(device, dtype).unbind(0)
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return mats
+
+
 @declare(steps=20, grid="dpm", t_min=_to_zero_on_its_grid)
 def dpm_solver(
     model,
@@ -382,21 +400,10 @@ def dpm_solver(
         raise TypeError(f"dpm_solver: x must be a floating-point tensor, got {x.dtype}")
 
     ev, _ = setup(model, sde, x, times)
-    mats64, _ = _plan(
-        sde.schedule,
-        tlist,
-        ev.kind,
-        int(order),
-        lower_order_final,
-        bool(corrector),
-        variant,
-        bool(denoise),
-        int(final_order),
-        float(switch),
-    )
     cdt = coef_dtype(x)
     dev = x.device
-    mats = mats64.to(dev, cdt).unbind(0)
+    args = (tlist, ev.kind, int(order), lower_order_final, bool(corrector), variant, bool(denoise))
+    mats = _device_plan(sde.schedule, (*args, int(final_order), float(switch)), dev, cdt)
     n_eval = len(mats)
     tb = ev.times(torch.tensor(tlist, dtype=torch.float64), x)
 

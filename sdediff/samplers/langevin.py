@@ -13,7 +13,7 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..parameterization import affine
 from ..sde import SDE
-from .base import declare, loop, setup, spec_of, table, tweedie
+from .base import declare, loop, planned, setup, spec_of, table, tweedie
 
 __all__ = ["pc", "Langevin"]
 
@@ -117,7 +117,7 @@ def pc(
     if isinstance(snr, bool) or not isinstance(snr, numbers.Real) or not (math.isfinite(snr) and snr > 0):
         raise ArgumentError("snr", snr, "must be a number > 0", "pc")
     ev, times = setup(model, sde, x, times)
-    stepper = stepper_cls(sde, times, ev.kind, **popts)
-    corrector = Langevin(sde, times, ev.kind, snr, int(n_steps)) if n_steps > 0 else None
+    stepper = planned(stepper_cls, sde, times, ev.kind, **popts)
+    corrector = planned(Langevin, sde, times, ev.kind, snr, int(n_steps)) if n_steps > 0 else None
     x = loop(stepper, ev, x, ev.times(times, x), times, generator, callback, corrector)
     return tweedie(ev, sde, x, float(times[-1])) if denoise else x

@@ -14,7 +14,7 @@ from .. import odeint
 from ..errors import ArgumentError
 from ..parameterization import affine
 from ..sde import SDE
-from .base import Stepper, declare, loop, setup, table
+from .base import Stepper, declare, loop, planned, setup, table
 
 __all__ = ["pf_ode", "PFODEStep", "via_torchdiffeq"]
 
@@ -76,7 +76,8 @@ def pf_ode(
     or ``"heun"`` (2 per step, order 2; the last step is Euler only when sigma(t_min) = 0).
     Default: 100 steps."""
     ev, times = setup(model, sde, x, times)
-    return loop(PFODEStep(sde, times, ev.kind, method), ev, x, ev.times(times, x), times, generator, callback)
+    stepper = planned(PFODEStep, sde, times, ev.kind, method)
+    return loop(stepper, ev, x, ev.times(times, x), times, generator, callback)
 
 
 @declare(steps=100, name="torchdiffeq")

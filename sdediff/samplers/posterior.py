@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..parameterization import affine
 from ..sde import SDE
-from .base import Stepper, declare, loop, setup, table
+from .base import Stepper, declare, loop, planned, setup, table
 
 __all__ = ["ancestral", "AncestralStep", "ends_at_zero"]
 
@@ -86,5 +86,5 @@ def ancestral(
     ``generator``. Defaults: 1000 steps, ending at t = 0 (unless the grid needs a finite log-SNR there).
     """
     ev, times = setup(model, sde, x, times)
-    stepper = AncestralStep(sde, times, ev.kind, variance, eta)
+    stepper = planned(AncestralStep, sde, times, ev.kind, variance, eta)
     return loop(stepper, ev, x, ev.times(times, x), times, generator, callback)

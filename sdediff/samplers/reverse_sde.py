@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..parameterization import affine
 from ..sde import SDE
-from .base import Evaluator, Stepper, declare, loop, setup, table, tweedie
+from .base import Evaluator, Stepper, declare, loop, planned, setup, table, tweedie
 
 __all__ = ["euler_maruyama", "EulerMaruyamaStep", "via_torchsde"]
 
@@ -51,7 +51,8 @@ def euler_maruyama(
     ``x0_hat(x_{t_min}, t_min)`` (one more model evaluation). Default: 1000 steps.
     """
     ev, times = setup(model, sde, x, times)
-    x = loop(EulerMaruyamaStep(sde, times, ev.kind), ev, x, ev.times(times, x), times, generator, callback)
+    stepper = planned(EulerMaruyamaStep, sde, times, ev.kind)
+    x = loop(stepper, ev, x, ev.times(times, x), times, generator, callback)
     return tweedie(ev, sde, x, float(times[-1])) if denoise else x
 
 
