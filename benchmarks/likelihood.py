@@ -18,7 +18,7 @@ Rows:
 
 The timed rows run ``--repeats`` times, interleaved, and report medians (the machine may be shared).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/likelihood.py`` (writes benchmarks/results/likelihood.md).
+Run: ``OMP_NUM_THREADS=1 python benchmarks/likelihood.py`` (``--write`` records benchmarks/results/likelihood.md).
 """
 
 from __future__ import annotations
@@ -387,6 +387,7 @@ def main():
     )
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs of the timed rows (medians)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "likelihood.md"))
+    ap.add_argument("--write", action="store_true", help="record the results under benchmarks/results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -510,6 +511,9 @@ def main():
     ]
     text = "\n".join(lines)
     print(text)
+    if not args.write:
+        print("(not written: pass --write to record benchmarks/results/likelihood.md)")
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")

@@ -515,6 +515,7 @@ def overhead(nfes, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min)")
+    ap.add_argument("--write", action="store_true", help="record the results under benchmarks/results/")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT / "samplers.md")
     args = ap.parse_args(argv)
@@ -654,6 +655,9 @@ def main(argv=None):
     say()
     say(f"Total time {time.time() - t_start:.0f} s.")
 
+    if not args.write:
+        print("(not written: pass --write to record benchmarks/results/samplers.md and samplers.png)")
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     try:

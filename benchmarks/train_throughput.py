@@ -1,6 +1,6 @@
 """Training throughput of the CIFAR-10 U-Net: bf16 + torch.compile against fp32 eager, in one run.
 
-    python benchmarks/train_throughput.py             # GPU: writes benchmarks/results/train_throughput.md
+    python benchmarks/train_throughput.py --write     # GPU: records benchmarks/results/train_throughput.md
     python benchmarks/train_throughput.py --cpu-smoke # a tiny CPU run of the same code path
 
 Both variants run the real training loop (``sdediff.train.train``: L_simple on the DDPM chain, AdamW,
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=25, help="untimed steps first (compilation happens here)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this GPU (TFLOP/s)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--write", action="store_true", help="record the results under benchmarks/results/")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['max_mem_gib']:.1f} | {r['warmup_s']:.1f} |"
         )
     lines += ["", f"Result: {verdict}.", ""]
+    if not args.write:
+        print("(not written: pass --write to record benchmarks/results/train_throughput.md)")
+        return 0
     args.out.write_text("\n".join(lines))
     print(f"train_throughput: wrote {args.out}")
     return 0
