@@ -18,7 +18,8 @@ Rows:
 
 The timed rows run ``--repeats`` times, interleaved, and report medians (the machine may be shared).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/likelihood.py`` (``--write`` records benchmarks/results/likelihood.md).
+Run: ``OMP_NUM_THREADS=1 python benchmarks/likelihood.py`` (``--write`` records
+benchmarks/results/likelihood.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python benchmarks/likelihood_accuracy.py            # all cases (about 10 minutes on 2 cores)
     python benchmarks/likelihood_accuracy.py --quick    # fewer points and tolerances (about 2 minutes)
-    python benchmarks/likelihood_accuracy.py --write    # also record benchmarks/results/likelihood_accuracy.md
+    python benchmarks/likelihood_accuracy.py --write    # record benchmarks/results/likelihood_accuracy.md
 
 Both methods integrate the same probability-flow ODE of the same model from t_eps = 1e-5 to T with dopri5
 (sdediff: torchdiffeq on the device, per-point error control; reference: score_sde's scipy RK45 with a numpy
