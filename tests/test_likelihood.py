@@ -602,3 +602,17 @@ def test_the_tolerance_bounds_every_point(tol):
     )
     err = (res.logp - exact).abs() / 2  # nats per dimension
     assert float(err.max()) <= 10 * tol, (float(err.max()), float(err.mean()), res.nfe)
+
+
+@pytest.mark.parametrize("variable", ["s", "log_snr"])
+def test_other_integration_variables_integrate_the_same_ode(variable):
+    """t, s = -2 log alpha and -lambda are changes of variable of one ODE: the same log-density."""
+    gm = GaussianMixture(torch.tensor([[1.0, -0.5], [-1.0, 0.5]]), torch.tensor([[0.2, 0.1], [0.1, 0.3]]))
+    sde = SDE(LinearVP())
+    x = gm.sample(64, generator=torch.Generator().manual_seed(0)).to(torch.float64)
+    kw = dict(trace="exact", rtol=1e-7, atol=1e-7, prior_log_prob=lambda z: gm.log_prob(z, 1.0, sde))
+    ref = gm.log_prob(x, 1e-5, sde)
+    got = log_likelihood(gm.model(sde), sde, x, variable=variable, **kw)
+    assert float(((got.logp - ref).abs() / 2).max()) < 1e-5
+    with pytest.raises(ValueError, match="variable"):
+        log_likelihood(gm.model(sde), sde, x, variable="sigma", **kw)

@@ -92,22 +92,48 @@ class _Clock:
     log-SNR, sigma^2 or log sigma.
     """
 
-    def __init__(self, sde: SDE, t_eps: float, device):
+    def __init__(self, sde: SDE, t_eps: float, device, variable: str = "auto"):
         sch = sde.schedule
-        self.T = float(sde.T)
-        self.reparam = sch.timesteps is not None and sch.variance_preserving
-        if not self.reparam:
+        self.T, self.sch = float(sde.T), sch
+        discrete = sch.timesteps is not None and sch.variance_preserving
+        if variable == "auto":
+            variable = "grid" if discrete else "t"
+        self.variable = variable
+        if variable == "t":
             self.start, self.end = t_eps, self.T
-            return
-        grid = torch.cat([torch.zeros(1, dtype=torch.float64), sch.timesteps.to(torch.float64)])
-        rho = -2.0 * sch.log_alpha(grid)
-        self.grid, self.rho = grid.to(device), rho.to(device)
-        self.start, self.end = float(-2.0 * sch.log_alpha(t_eps)), float(rho[-1])
+        elif variable == "grid":
+            if not discrete:
+                raise ValueError("variable='grid' needs a discrete VP schedule (DiscreteVP)")
+            grid = torch.cat([torch.zeros(1, dtype=torch.float64), sch.timesteps.to(torch.float64)])
+            rho = -2.0 * sch.log_alpha(grid)
+            self.grid, self.rho = grid.to(device), rho.to(device)
+            self.start, self.end = float(-2.0 * sch.log_alpha(t_eps)), float(rho[-1])
+        elif variable in ("s", "log_snr"):
+            ends = torch.tensor([t_eps, self.T], dtype=torch.float64)
+            self.start, self.end = (float(v) for v in self._s_of(ends))
+            self._t_last = None
+        else:
+            raise ValueError(f"variable must be one of auto, t, s, log_snr, grid; got {variable!r}")
+
+    def _s_of(self, t: Tensor) -> Tensor:
+        """The integration variable at t: ``-2 log alpha`` or ``-lambda`` (both increasing in t)."""
+        return -2.0 * self.sch.log_alpha(t) if self.variable == "s" else -self.sch.log_snr(t)
+
+    def _ds_dt(self, t: Tensor) -> Tensor:
+        return -2.0 * self.sch.f(t) if self.variable == "s" else -self.sch.dlog_snr_dt(t)
 
     def time(self, s: Tensor) -> tuple[Tensor, Tensor | None]:
         """(t, dt/ds) at the solver's s, computed on s's device without a host sync."""
-        if not self.reparam:
+        if self.variable == "t":
             return s.clamp(max=self.T), None  # the initial-step probe may look past T
+        if self.variable in ("s", "log_snr"):
+            # t(s) by Newton's method from the last solution (s moves little between evaluations)
+            s64 = s.to(torch.float64).clamp(self.start, self.end)
+            t = torch.full_like(s64, 0.5 * self.T) if self._t_last is None else self._t_last.to(s64.device)
+            for _ in range(12):
+                t = (t - (self._s_of(t) - s64) / self._ds_dt(t)).clamp(1e-12, self.T)
+            self._t_last = t
+            return t.to(s.dtype), (1.0 / self._ds_dt(t)).to(s.dtype)
         s = s.to(torch.float64).reshape(1).clamp(self.rho[0], self.rho[-1])
         i = torch.searchsorted(self.rho, s).clamp(1, self.rho.numel() - 1)
         r0, r1 = self.rho.index_select(0, i - 1), self.rho.index_select(0, i)
@@ -166,6 +192,7 @@ def log_likelihood(
     generator: torch.Generator | None = None,
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
     options: dict | None = None,
+    variable: str = "auto",
 ) -> LogLikelihood:
     """Log-density of ``x`` under the probability-flow ODE model, in nats per sample.
 
@@ -216,6 +243,10 @@ def log_likelihood(
         prior_log_prob: ``z -> (B,)`` log-density used at T. Default ``sde.prior_log_prob`` (the
             ``N(0, prior_std^2 I)`` prior, which is only approximately the true marginal at T); pass an exact
             ``log p_T`` (e.g. the oracle's) to isolate the integration error.
+        variable: the solver's integration variable: ``"t"``; ``"s"`` (``-2 log alpha``); ``"log_snr"``
+            (``-lambda``); ``"grid"`` (``-2 log alpha`` interpolated on a DiscreteVP's grid); ``"auto"``
+            (default): ``"grid"`` for DiscreteVP, ``"t"`` otherwise (see ``benchmarks/results/
+            likelihood_accuracy.md`` for what the others cost).
 
     Error control is per point (:func:`per_sample_norm`): the adaptive solver's error norm is the maximum
     over samples of each sample's own RMS, so ``rtol``/``atol`` bound every point's integration error, not
@@ -265,7 +296,7 @@ def log_likelihood(
     # at the first evaluation, to a K-times replicated batch (K forwards, the same single backward pass)
     vjp_mode = "batched" if K > 1 else "single"
     nfe = 0
-    clock = _Clock(sde, t_eps, dev)
+    clock = _Clock(sde, t_eps, dev, variable)
 
     def field(x_t: Tensor, t: Tensor, dt_ds: Tensor | None, v: Tensor, mode: str) -> tuple[Tensor, Tensor]:
         # PF drift f x - g^2/2 score = f x + c eps with c = g^2 / (2 sigma); coefficients in float64 once
