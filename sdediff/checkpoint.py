@@ -377,6 +377,16 @@ TRUSTED_TARGETS: frozenset[str] = _aliases(
             for name in ("Uniform", "LogSNRUniform", "Importance")
         },
         "Sampler": ("sdediff", "sdediff.samplers"),
+        # data sets (the evaluation split a run recorded): loaders of plain arrays, never of code
+        **{
+            name: ("sdediff.data", "sdediff.data.toy")
+            for name in ("toy2d_dataset", "digits", "mixture_dataset")
+        },
+        **{
+            name: ("sdediff.data", "sdediff.data.files")
+            for name in ("cifar10", "mnist", "fashion_mnist", "image_folder", "numpy_file")
+        },
+        **{name: ("sdediff.oracle",) for name in ("GaussianMixture", "ring_mixture", "random_gaussian")},
     }
 )
 _HYDRA_KEYS = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")

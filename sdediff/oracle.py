@@ -13,9 +13,10 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError
 from .sde import SDE
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "ring_mixture", "random_gaussian"]
 
 
 class GaussianMixture:
@@ -127,6 +128,12 @@ class GaussianMixture:
         s = self.score(x, t64, sde).to(torch.float64).reshape(x.shape[0], -1)
         return (-sigma[:, None] * s).reshape(x.shape).to(x.dtype)
 
+    def sample_marginal(self, n: int, t, sde: SDE, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` exact samples of the noised marginal ``p_t`` (float64): ``alpha x_0 + sigma eps``."""
+        alpha, sigma = (float(v) for v in sde.marginal(t))
+        z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
+        return alpha * self.sample(n, generator) + sigma * z
+
     def model(self, sde: SDE):
         """The exact eps-predictor as a plain callable ``(x, t) -> eps``, usable wherever a net is."""
 
@@ -137,3 +144,30 @@ class GaussianMixture:
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.K}, D={self.D})"
+
+
+def ring_mixture(k: int = 8, radius: float = 2.0, var: float = 0.05) -> GaussianMixture:
+    """``k`` equal isotropic Gaussians (variance ``var``) evenly spaced on a circle of ``radius`` (2-D)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ArgumentError("k", k, "must be a positive integer", "ring_mixture")
+    if not (radius > 0 and var > 0):
+        raise ArgumentError("var", var, "must be positive (and so must radius)", "ring_mixture")
+    ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return GaussianMixture(means, torch.full((k, 2), float(var), dtype=torch.float64))
+
+
+def random_gaussian(d: int = 8, eig_min: float = 0.1, eig_max: float = 4.0, seed: int = 0) -> GaussianMixture:
+    """One Gaussian in ``d`` dimensions: eigenvalues log-spaced in ``[eig_min, eig_max]`` along a random
+    rotation, and a random non-zero mean (seeded): anisotropic, correlated, off-centre."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ArgumentError("d", d, "must be a positive integer", "random_gaussian")
+    if not 0 < eig_min <= eig_max:
+        raise ArgumentError(
+            "eig_min", eig_min, f"must satisfy 0 < eig_min <= eig_max = {eig_max}", "random_gaussian"
+        )
+    g = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    evals = torch.logspace(math.log10(eig_min), math.log10(eig_max), d, dtype=torch.float64)
+    cov = q @ torch.diag(evals) @ q.T
+    return GaussianMixture(torch.randn(d, generator=g, dtype=torch.float64), 0.5 * (cov + cov.T))

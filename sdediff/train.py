@@ -721,6 +721,9 @@ def train(
             bar.close()
         if writer is not None:
             writer.close()
+        if world > 1:
+            net = None  # free the DDP wrapper and its reducer while the process group is registered
+            _settle_gloo()
         if own_group:
             dist.destroy_process_group()
     elapsed = time.perf_counter() - t0
@@ -894,6 +897,17 @@ class _Window:
             self.bar.set_postfix(
                 loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.0f}", refresh=False
             )
+
+
+def _settle_gloo() -> None:
+    """Give the process group's worker threads a moment without the GIL before it is destroyed. A group
+    destroyed from a destructor (e.g. the DDP reducer's, when ``train`` returns) joins its threads while
+    holding the GIL, and a thread still dropping the Python references of its last work needs the GIL:
+    an occasional deadlock at the end of a run. The caller frees the DDP wrapper first."""
+    import gc
+
+    gc.collect()
+    time.sleep(0.05)
 
 
 def _failure(what: str, step: int, last_good: Path | None) -> str:

@@ -343,13 +343,37 @@ CASES = [
         r"model\.net\.in_ch=1: must fit the data's items of shape \(2,\) \(the U-Net needs \(C, H, W\) images\)",
     ),
     ("train", "~model.net.dim", r"model\.net\.dim=\?\?\?: is required by MLP; pass \+model\.net\.dim=\.\.\."),
-    ("train", "loss.weighting=banana", r"loss\.weighting=banana: must be a Weighting object, e\.g\. ELBO\(\)"),
-    ("train", "loss.time_sampler=banana", r"loss\.time_sampler=banana: must be a TimeSampler object, e\.g\. Uniform\(\)"),
-    ("train", "loss.time_sampling=uniform", r"loss\.time_sampling=uniform: no such key in the config; add a new one with \+loss\.time_sampling=uniform"),
-    ("train", "loss.weighting._target_=sdediff.losses.Nope", r"loss\.weighting\._target_=sdediff\.losses\.Nope: cannot be imported \(.*\)"),
+    (
+        "train",
+        "loss.weighting=banana",
+        r"loss\.weighting=banana: must be a Weighting object, e\.g\. ELBO\(\)",
+    ),
+    (
+        "train",
+        "loss.time_sampler=banana",
+        r"loss\.time_sampler=banana: must be a TimeSampler object, e\.g\. Uniform\(\)",
+    ),
+    (
+        "train",
+        "loss.time_sampling=uniform",
+        r"loss\.time_sampling=uniform: no such key in the config; add a new one with \+loss\.time_sampling=uniform",
+    ),
+    (
+        "train",
+        "loss.weighting._target_=sdediff.losses.Nope",
+        r"loss\.weighting\._target_=sdediff\.losses\.Nope: cannot be imported \(.*\)",
+    ),
     ("train", "loss=sigmoid loss.weighting.bias=nan", r"loss\.weighting\.bias=nan: must be a finite number"),
-    ("train", "loss=edm loss.weighting.sigma_data=0", r"loss\.weighting\.sigma_data=0: must be a positive number"),
-    ("train", "loss=vlb +loss.time_sampler.min_count=0 sde=ddpm", r"loss\.time_sampler\.min_count=0: must be a positive integer"),
+    (
+        "train",
+        "loss=edm loss.weighting.sigma_data=0",
+        r"loss\.weighting\.sigma_data=0: must be a positive number",
+    ),
+    (
+        "train",
+        "loss=vlb +loss.time_sampler.min_count=0 sde=ddpm",
+        r"loss\.time_sampler\.min_count=0: must be a positive integer",
+    ),
     (
         "train",
         "loss=vlb",
@@ -447,8 +471,16 @@ CASES = [
     (
         "sample",
         "sampler=dpm_solver",
-        r"ckpt=\?\?\?: is not set; pass it on the command line, e\.g\. ckpt=\.\.\.",
+        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
     ),
+    (
+        "sample",
+        f"ckpt={R}/run oracle=gmm2d",
+        r"ckpt=.*/run: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
+    ),
+    ("sample", "oracle=nope", r"oracle=nope: no such oracle config; choose one of gaussian, gmm2d"),
+    ("sample", "oracle=gmm2d oracle.var=-1", r"oracle\.var=-1: must be positive \(and so must radius\)"),
+    ("sample", "oracle=gmm2d trajectories=maybe", r"trajectories=maybe: must be true or false"),
     ("sample", "ckpt=/nonexistent", r"ckpt=/nonexistent: checkpoint not found: /nonexistent"),
     (
         "sample",

@@ -7,6 +7,7 @@ config asks for.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from torch import Tensor
 __all__ = [
     "save_samples",
     "save_points_figure",
+    "save_panels",
+    "save_trajectories",
+    "robust_limits",
     "save_image_figure",
     "image_grid",
     "pf_ode_nll",
@@ -37,29 +41,85 @@ def _plt():
     return plt
 
 
+def robust_limits(arrays, q: float = 0.995, pad: float = 0.1) -> tuple[float, float]:
+    """Shared axis limits for 2-D points: the central ``q`` quantile range of every array together,
+    widened by ``pad`` of its size (a few outliers never zoom the plot out)."""
+    pts = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+    pts = pts[np.isfinite(pts)]
+    if not len(pts):
+        return -1.0, 1.0
+    lo, hi = np.quantile(pts, [1 - q, q])
+    span = max(hi - lo, 1e-6)
+    return float(lo - pad * span), float(hi + pad * span)
+
+
 def save_points_figure(data: Tensor | None, samples: Tensor, path: Path, title: str = "") -> Path:
-    """Scatter plots of 2-D data and samples side by side on the same axes (or the samples alone)."""
-    plt = _plt()
+    """Scatter plots of 2-D data and samples side by side on the same robust axes (or the samples alone)."""
     panels = ([("data", data)] if data is not None else []) + [("samples", samples)]
-    panels = [(name, pts.detach().float().cpu().numpy()) for name, pts in panels]
-    lim = float(np.quantile(np.abs(panels[0][1]), 0.999)) * 1.15
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(4 * len(panels), 4), sharex=True, sharey=True, squeeze=False
-    )
-    for ax, (name, pts) in zip(axes[0], panels):
-        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, linewidths=0)
-        ax.set_title(f"{name} ({len(pts)})")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
+    return save_panels(panels, path, title)
+
+
+def save_panels(panels, path: Path, title: str = "", ncols: int | None = None) -> Path:
+    """A grid of ``(label, tensor)`` panels sharing one robust pair of axes (2-D points) or image grids
+    (``(N, C, H, W)`` images)."""
+    plt = _plt()
+    panels = [
+        None if p is None else (p[0], p[1].detach().float().cpu()) for p in panels
+    ]  # None: an empty cell
+    ncols = ncols or len(panels)
+    nrows = int(math.ceil(len(panels) / ncols))
+    images = next(p for p in panels if p is not None)[1].ndim == 4
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.6 * nrows + 0.4), squeeze=False)
+    if not images:
+        lo, hi = robust_limits([p[1].numpy() for p in panels if p is not None])
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
+        if panel is None:
+            ax.axis("off")
+            continue
+        name, pts = panel
+        if images:
+            g = image_grid(pts)
+            ax.imshow(
+                g[..., 0] if g.shape[-1] == 1 else g,
+                cmap="gray" if g.shape[-1] == 1 else None,
+                vmin=0,
+                vmax=255,
+            )
+            ax.axis("off")
+        else:
+            p = pts.numpy()
+            ax.scatter(p[:, 0], p[:, 1], s=1.5, alpha=0.5, linewidths=0)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_aspect("equal")
+        ax.set_title(textwrap.fill(f"{name} ({len(pts)})", 40), fontsize=9)
+    return _save(plt, fig, path, title)
+
+
+def save_trajectories(traj: Tensor, path: Path, title: str = "") -> Path:
+    """Paths of a few 2-D samples through the sampler's grid (``(steps + 1, n, 2)``), on robust axes."""
+    plt = _plt()
+    p = traj.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    lo, hi = robust_limits([p])
+    for j in range(p.shape[1]):
+        ax.plot(p[:, j, 0], p[:, j, 1], "-", lw=0.6, alpha=0.6)
+        ax.plot(p[-1, j, 0], p[-1, j, 1], ".", ms=3, color="k")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
     return _save(plt, fig, path, title)
 
 
 def _save(plt, fig, path: Path, title: str) -> Path:
-    """Title, lay out, write and close a figure."""
+    """Title (wrapped, never clipped), lay out, write and close a figure."""
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(textwrap.fill(title, 70), fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -82,17 +142,8 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> np.ndar
 
 def save_image_figure(data: Tensor | None, samples: Tensor, path: Path, title: str = "") -> Path:
     """Grids of data images and sampled images side by side (or the samples alone)."""
-    plt = _plt()
     panels = ([("data", data)] if data is not None else []) + [("samples", samples)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
-    for ax, (name, imgs) in zip(axes[0], panels):
-        g = image_grid(imgs)
-        ax.imshow(
-            g[..., 0] if g.shape[-1] == 1 else g, cmap="gray" if g.shape[-1] == 1 else None, vmin=0, vmax=255
-        )
-        ax.set_title(f"{name} ({len(imgs)})")
-        ax.axis("off")
-    return _save(plt, fig, path, title)
+    return save_panels(panels, path, title)
 
 
 def save_samples(samples: Tensor, data: Tensor | None, out_dir: Path, title: str = "") -> dict[str, str]:

@@ -16,19 +16,16 @@ anything is built or written.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from ..checkpoint import CheckpointError, check_state_dict, load_checkpoint, model_weights, resolve_checkpoint
 from ..errors import ArgumentError
 from ..train import resolve_device
 from . import _report
 from ._common import (
-    build_from_checkpoint,
     check_out_dir,
     check_sampler,
     check_seed,
@@ -39,6 +36,7 @@ from ._common import (
     preflight,
     run_logger,
 )
+from ._source import load_source
 from .train import _check_finite_samples
 
 PROG = "sdediff-sample"
@@ -61,70 +59,68 @@ def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, An
         return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
 
 
-def _item_shape(meta: dict, path) -> tuple[int, ...]:
-    shape = (meta.get("train") or {}).get("item_shape")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
-    ):
-        raise CheckpointError(
-            f"checkpoint {path} records no valid item shape (train.item_shape = {shape!r}); "
-            "the file is corrupt"
-        )
-    return tuple(shape)
-
-
 def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    # -- everything checked before the checkpoint's tensors are read or anything is built ---------------
+    # -- everything checked before any weights are read or anything is built --------------------------
     if cfg.weights not in ("ema", "model"):
         raise ArgumentError("weights", cfg.weights, "must be ema or model")
     for key in ("n", "batch_size"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ArgumentError(key, cfg[key], "must be an integer >= 1")
+    for key in ("progress", "trajectories"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ArgumentError(key, cfg.get(key), "must be true or false")
     seed = check_seed(cfg.seed)
     device = resolve_device(cfg.device, 0, "device")
     check_out_dir(cfg)
-    trusted = tuple(str(t) for t in (cfg.get("trusted_targets") or ()))
-    try:
-        path = resolve_checkpoint(str(cfg.ckpt))
-        # the JSON (its own hash) and the tensors (size and hash) are verified before anything is
-        # built; the stored config is data: rebuilt only from allow-listed sdediff constructors
-        tensors, meta = load_checkpoint(path)
-        shape = _item_shape(meta, path)
-    except CheckpointError as e:
-        raise ArgumentError("ckpt", cfg.ckpt, str(e)) from None
-    keys = ("model",) if sde_from_config else ("model", "sde")
-    objs = build_from_checkpoint(meta.get("config"), keys, str(path), trusted)
-    model = objs["model"]
-    weights = model_weights(tensors, cfg.weights)
-    check_state_dict(model, weights, cfg.weights, meta["path"])
-    model.load_state_dict(weights)
-    sde = instantiate_at(cfg.sde, "sde") if sde_from_config else objs["sde"]
+    src = load_source(cfg, sde_from_config=sde_from_config)
     sampler = instantiate_at(cfg.sampler, "sampler")
-    check_sampler(sampler, sde, shape)
+    check_sampler(sampler, src.sde, src.item_shape)
 
     # -- sample ---------------------------------------------------------------------------------------
-    model = model.to(device).eval()
+    model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
-    chunks = []
+    chunks, nfe, traj = [], 0, []
+    batches = range(0, cfg.n, cfg.batch_size)
+    bar = None
+    if cfg.get("progress", True) and len(batches) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.n, desc=f"{PROG} {sampler.label}", unit="sample")
+
+    def keep(info):  # the first batch's trajectories: x at every grid time (2-D data only)
+        traj.append(info["x"][:32].detach().cpu())
+
     with torch.no_grad():
-        for start in range(0, cfg.n, cfg.batch_size):
+        for start in batches:
             b = min(cfg.batch_size, cfg.n - start)
-            chunks.append(sampler(model, sde, shape=(b, *shape), generator=g).cpu())
+            cb = keep if (cfg.get("trajectories") and start == 0 and len(src.item_shape) == 1) else None
+            x, info = sampler(
+                model, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
+            )
+            chunks.append(x.cpu())
+            nfe = max(nfe, info.nfe)
+            if bar is not None:
+                bar.update(b)
+    if bar is not None:
+        bar.close()
     samples = torch.cat(chunks)
     _check_finite_samples(samples, sampler.label, "nothing was written")
     out = output_dir(cfg)
-    title = f"{Path(meta['path']).name} ({cfg.weights}): {sampler.label}, {sampler.n_steps} steps"
-    paths = _report.save_samples(samples, None, out, title)
+    sde_name = type(src.sde.schedule).__name__
+    what = f"{sampler.label}, {sampler.n_steps} steps, {nfe} NFE, {sde_name}"
+    paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
+    if traj:
+        traj.append(samples[:32])
+        paths["trajectories"] = str(
+            _report.save_trajectories(torch.stack(traj), out / "trajectories.png", f"{src.label}: {what}")
+        )
     took = time.perf_counter() - t0
     run_logger()(
-        f"{PROG}: {cfg.n} samples of shape {shape} from {meta['path']} (step {meta['step']}, {cfg.weights} "
-        f"weights) with {sampler.label} ({sampler.n_steps} steps) in {took:.1f} s -> "
+        f"{PROG}: {cfg.n} samples of shape {src.item_shape} from {src.label} with {what} in {took:.1f} s -> "
         f"{paths.get('png', paths['npz'])}"
     )
-    return {"samples": samples, "paths": paths, "checkpoint": meta["path"], "seconds": took}
+    return {"samples": samples, "paths": paths, "source": src.label, "nfe": nfe, "seconds": took}
 
 
 @hydra.main(config_path=config_dir(), config_name="sample_checkpoint", version_base="1.3")

@@ -64,6 +64,8 @@ class SamplerSpec:
             ``(grid, options) -> number | None``.
         stepper: the one-step class ``Stepper(sde, times, kind, **its options)`` when the sampler can be
             the predictor of ``pc``; ``None`` otherwise.
+        deterministic: whether the output is a function of x_T alone (no noise is drawn): a bool or a
+            rule ``options -> bool``.
     """
 
     name: str
@@ -71,6 +73,10 @@ class SamplerSpec:
     grid: str | None = None
     t_min: float | Callable[[str, Mapping[str, Any]], float | None] | None = None
     stepper: type | None = None
+    deterministic: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def is_deterministic(self, options: Mapping[str, Any]) -> bool:
+        return bool(self.deterministic(options) if callable(self.deterministic) else self.deterministic)
 
     def default_grid(self, sde: SDE) -> str:
         if self.grid is not None:
@@ -82,12 +88,18 @@ class SamplerSpec:
 
 
 def declare(
-    *, steps: int, grid: str | None = None, t_min=None, stepper: type | None = None, name: str | None = None
+    *,
+    steps: int,
+    grid: str | None = None,
+    t_min=None,
+    stepper: type | None = None,
+    deterministic=False,
+    name: str | None = None,
 ):
     """Attach a :class:`SamplerSpec` to a sampler function (``fn.spec``); returns the function."""
 
     def attach(fn):
-        fn.spec = SamplerSpec(name or fn.__name__, steps, grid, t_min, stepper)
+        fn.spec = SamplerSpec(name or fn.__name__, steps, grid, t_min, stepper, deterministic)
         return fn
 
     return attach

@@ -326,7 +326,7 @@ def _device_plan(schedule, args: tuple, device, dtype) -> tuple[Tensor, ...]:
     return mats
 
 
-@declare(steps=20, grid="dpm", t_min=_to_zero_on_its_grid)
+@declare(steps=20, grid="dpm", t_min=_to_zero_on_its_grid, deterministic=True)
 def dpm_solver(
     model,
     sde,

@@ -60,7 +60,7 @@ class PFODEStep(Stepper):
         return d.add_(x), out
 
 
-@declare(steps=100, stepper=PFODEStep)
+@declare(steps=100, stepper=PFODEStep, deterministic=True)
 @torch.no_grad()
 def pf_ode(
     model,
@@ -80,7 +80,7 @@ def pf_ode(
     return loop(stepper, ev, x, ev.times(times, x), times, generator, callback)
 
 
-@declare(steps=100, name="torchdiffeq")
+@declare(steps=100, name="torchdiffeq", deterministic=True)
 @torch.no_grad()
 def via_torchdiffeq(
     model,

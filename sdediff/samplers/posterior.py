@@ -63,7 +63,9 @@ class AncestralStep(Stepper):
         self.c = std.tolist()
 
 
-@declare(steps=1000, t_min=ends_at_zero, stepper=AncestralStep)
+@declare(
+    steps=1000, t_min=ends_at_zero, stepper=AncestralStep, deterministic=lambda o: o.get("eta", 1.0) == 0
+)
 @torch.no_grad()
 def ancestral(
     model,

@@ -1,0 +1,275 @@
+"""``sdediff-compare``: every sampler at every number of steps on one model, against ground truth.
+
+    sdediff-compare oracle=gmm2d
+    sdediff-compare oracle=gaussian 'steps=[5,10,20]' 'samplers=[dpm_solver,pf_ode]'
+    sdediff-compare ckpt=outputs/2026-01-01/12-00-00 'samplers=[ancestral,dpm_solver]'
+
+All runs start from the same ``x_T`` (for an oracle, exact draws of its marginal p_T, so that no prior
+mismatch is a floor every sampler shares). Errors:
+
+* ``kl`` — Gaussian oracle, deterministic samplers: the map ``x_T -> x`` is affine, so the output law is
+  exactly ``N(A m_T + b, A S_T A^T)``; its KL to the data's Gaussian, in closed form;
+* ``sample_distance`` — oracles: the sliced Wasserstein-2 distance (squared) of the samples to as many
+  exact data samples (its floor for two exact sets is printed with the table);
+* ``rms_to_reference`` — deterministic samplers of any model: the RMS distance per dimension of the
+  output to a tight adaptive PF-ODE solve (dopri5) from the same ``x_T`` to the same end time (a solve
+  to sigma = 0 is compared with the solve to the schedule's first time plus its Tweedie denoising).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from ..errors import ArgumentError
+from ..samplers import SAMPLERS, sample
+from ..samplers.base import spec_of
+from ..train import resolve_device
+from . import _report
+from ._common import check_out_dir, check_seed, clean_errors, config_dir, output_dir, preflight, run_logger
+from ._source import load_source
+
+PROG = "sdediff-compare"
+COLUMNS = ("sampler", "steps", "nfe", "seconds", "deterministic", "kl", "sample_distance", "rms_to_reference")
+
+
+def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
+    """Compare as ``cfg`` says; returns ``{"rows": [...], "paths": {...}}``."""
+    from .sample import _sde_overridden
+
+    with clean_errors(PROG, cfg):
+        return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
+
+
+def gaussian_kl(m: torch.Tensor, S: torch.Tensor, mu: torch.Tensor, Sigma: torch.Tensor) -> float:
+    """KL(N(m, S) || N(mu, Sigma)) (float64)."""
+    si = torch.linalg.inv(Sigma)
+    d = m - mu
+    D = m.numel()
+    return 0.5 * float(torch.trace(si @ S) + d @ si @ d - D + torch.logdet(Sigma) - torch.logdet(S))
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
+    """Squared sliced Wasserstein-2 distance of two equal-size point sets (random directions, seeded)."""
+    a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
+    v = v / v.norm(dim=0, keepdim=True)
+    pa, pb = (a @ v).sort(0).values, (b @ v).sort(0).values
+    return float((pa - pb).pow(2).mean())
+
+
+def _check(cfg: DictConfig) -> None:
+    samplers = list(cfg.samplers)
+    if not samplers or any(s not in SAMPLERS for s in samplers):
+        bad = next((s for s in samplers if s not in SAMPLERS), None)
+        raise ArgumentError(
+            "samplers", bad, f"must be a list of sampler names: {', '.join(sorted(SAMPLERS))}"
+        )
+    steps = list(cfg.steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ArgumentError("steps", steps, "must be a non-empty list of integers >= 1")
+    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
+        raise ArgumentError("n", cfg.n, "must be an integer >= 2")
+    for key in ("rtol", "atol"):
+        v = cfg.reference[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ArgumentError(f"reference.{key}", v, "must be a positive number")
+
+
+def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    _check(cfg)
+    seed = check_seed(cfg.seed)
+    device = resolve_device(cfg.device, 0, "device")
+    check_out_dir(cfg)
+    src = load_source(cfg, sde_from_config=sde_from_config)
+    sde, shape = src.sde, src.item_shape
+    # every (sampler, steps) checked before any real work: grids, t_min, options
+    from ..samplers import Sampler
+
+    for name in cfg.samplers:
+        for steps in cfg.steps:
+            try:
+                Sampler(name, steps).check(sde, (1, *shape))
+            except ArgumentError as e:
+                raise ArgumentError("steps", steps, f"does not fit sampler {name}: {e}") from None
+    log = run_logger()
+    model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
+    g = torch.Generator().manual_seed(seed)
+    if src.oracle is not None:  # exact draws of p_T: no prior mismatch
+        x_T = src.oracle.sample_marginal(cfg.n, sde.T, sde, generator=g).float().to(device)
+        exact = src.oracle.sample(cfg.n, generator=g).float()
+        # the distance between two exact sets of this size (mean of a few pairs): the metric's floor
+        floor = (
+            sum(sliced_w2(exact, src.oracle.sample(cfg.n, generator=g).float(), seed=k) for k in range(4)) / 4
+        )
+    else:
+        x_T = sde.prior_sample((cfg.n, *shape), generator=g).to(device)
+        exact, floor = None, None
+    gaussian = src.oracle is not None and src.oracle.K == 1
+    refs: dict[float, torch.Tensor] = {}
+
+    def reference(t_end: float) -> torch.Tensor:
+        if t_end not in refs:
+            sch = sde.schedule
+            stop = t_end if float(sch.sigma(t_end)) > 0 else float(sch.default_t_min)
+            kw = dict(method="dopri5", rtol=cfg.reference.rtol, atol=cfg.reference.atol)
+            x = sample(model, sde, sampler="torchdiffeq", steps=1, x_T=x_T, t_min=stop, grid="uniform", **kw)
+            if stop != t_end:  # to sigma = 0: Tweedie's denoising at the last positive time
+                from ..models import as_model
+
+                x = as_model(model).x0(x, torch.full((len(x),), stop, dtype=torch.float64), sde)
+            refs[t_end] = x.cpu()
+        return refs[t_end]
+
+    rows, panels = [], []
+    combos = [(s, n) for s in cfg.samplers for n in cfg.steps]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(combos), desc=PROG, unit="run")
+    for name, steps in combos:
+        det = spec_of(SAMPLERS[name]).is_deterministic({})
+        t0 = time.perf_counter()
+        x, info = sample(
+            model,
+            sde,
+            sampler=name,
+            steps=steps,
+            x_T=x_T,
+            return_info=True,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+        seconds = time.perf_counter() - t0
+        x = x.cpu()
+        if not bool(torch.isfinite(x).all()):
+            raise ArgumentError(
+                "samplers", name, f"gives non-finite samples at steps={steps}; drop it or add steps"
+            )
+        row = {
+            "sampler": name,
+            "steps": steps,
+            "nfe": info.nfe,
+            "seconds": round(seconds, 4),
+            "deterministic": det,
+            "kl": "",
+            "sample_distance": "",
+            "rms_to_reference": "",
+        }
+        if exact is not None:
+            row["sample_distance"] = sliced_w2(x, exact)
+        if det:
+            ref = reference(float(info.times[-1]))
+            row["rms_to_reference"] = float((x - ref).pow(2).mean().sqrt())
+            if gaussian:
+                row["kl"] = _affine_kl(model, sde, name, steps, src.oracle, device)
+        rows.append(row)
+        panels.append((f"{name}, {steps} steps ({info.nfe} NFE)", x[:2000]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compare.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    title = f"{src.label}, {type(sde.schedule).__name__}"
+    png = _error_figure(rows, out / "compare.png", title, floor)
+    if exact is not None:  # a first row with the data alone; then one row per sampler, one column per steps
+        panels = [("exact data", exact[:2000])] + [None] * (len(cfg.steps) - 1) + panels
+    if len(shape) == 1 and shape[0] > 2:  # vectors: the first two coordinates
+        panels = [None if p is None else (p[0], p[1][:, :2]) for p in panels]
+    grid = _report.save_panels(panels, out / "compare_samples.png", title, ncols=len(cfg.steps))
+    log(_table(rows, floor))
+    took = time.perf_counter() - t_start
+    log(f"{PROG}: {len(rows)} runs in {took:.1f} s -> {out / 'compare.csv'}, {png.name}, {grid.name}")
+    return {
+        "rows": rows,
+        "floor": floor,
+        "seconds": took,
+        "paths": {"csv": str(out / "compare.csv"), "png": str(png), "samples_png": str(grid)},
+    }
+
+
+def _affine_kl(model, sde, name, steps, gm, device) -> float:
+    """Exact KL of a deterministic sampler on a Gaussian oracle: it maps x_T affinely (float64)."""
+    D = gm.D
+    basis = torch.cat([torch.zeros(1, D), torch.eye(D)]).double().to(device)
+    y = sample(model, sde, sampler=name, steps=steps, x_T=basis).double().cpu()
+    b, A = y[0], (y[1:] - y[0]).T  # F(x) = A x + b
+    alpha, sigma = (float(v) for v in sde.marginal(sde.T))
+    m_T = alpha * gm.mean
+    S_T = alpha**2 * gm.cov + sigma**2 * torch.eye(D, dtype=torch.float64)
+    return gaussian_kl(A @ m_T + b, A @ S_T @ A.T, gm.mean, gm.cov)
+
+
+def _table(rows, floor) -> str:
+    head = f"{'sampler':<16} {'steps':>5} {'NFE':>5} {'seconds':>8} {'KL':>10} {'SW2':>10} {'RMS to ref':>11}"
+    lines = [head, "-" * len(head)]
+
+    def f(v):
+        return f"{v:.3e}" if isinstance(v, float) else "-"
+
+    for r in rows:
+        lines.append(
+            f"{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>5} {r['seconds']:>8.3f} {f(r['kl']):>10} "
+            f"{f(r['sample_distance']):>10} {f(r['rms_to_reference']):>11}"
+        )
+    if floor is not None:
+        lines.append(f"(SW2 of two exact sample sets of this size, the distance's floor: {floor:.3e})")
+    return "\n".join(lines)
+
+
+def _error_figure(rows, path, title, floor):
+    plt = _report._plt()
+    metrics = [
+        m for m in ("kl", "sample_distance", "rms_to_reference") if any(isinstance(r[m], float) for r in rows)
+    ]
+    labels = {
+        "kl": "exact KL",
+        "sample_distance": "sliced W2^2 to exact samples",
+        "rms_to_reference": "RMS to tight solve",
+    }
+    fig, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(4.6 * max(1, len(metrics)), 4.0), squeeze=False
+    )
+    for ax, m in zip(axes[0], metrics):
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            pts = [
+                (r["nfe"], r[m])
+                for r in rows
+                if r["sampler"] == name and isinstance(r[m], float) and r[m] > 0
+            ]
+            if pts:
+                ax.loglog(*zip(*sorted(pts)), "o-", label=name, ms=3)
+        if m == "sample_distance" and floor:
+            ax.axhline(floor, color="k", ls=":", lw=0.8, label="floor (finite samples)")
+        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_ylabel(labels[m])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _report._save(plt, fig, path, title)
+
+
+@hydra.main(config_path=config_dir(), config_name="compare", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point ``sdediff-compare``."""
+    preflight(PROG, "compare")
+    _main()
+
+
+if __name__ == "__main__":
+    main()
