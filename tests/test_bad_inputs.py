@@ -27,6 +27,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sdediff.checkpoint import metadata_digest
+from sdediff.cli import compare as compare_cli
+from sdediff.cli import likelihood as likelihood_cli
 from sdediff.cli import sample as sample_cli
 from sdediff.cli import train as train_cli
 from sdediff.cli._common import config_dir
@@ -161,7 +163,12 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 def _run_main(prog: str, args: list[str]) -> tuple[int, str]:
-    main = train_cli.main if prog == "train" else sample_cli.main
+    main = {
+        "train": train_cli.main,
+        "sample": sample_cli.main,
+        "likelihood": likelihood_cli.main,
+        "compare": compare_cli.main,
+    }[prog]
     err, out = io.StringIO(), io.StringIO()
     old = sys.argv
     sys.argv = [f"sdediff-{prog}", *args]
@@ -533,6 +540,55 @@ CASES = [
         f"ckpt={R}/run sde=vp_cosine sampler=torchdiffeq sampler.t_min=0",
         r"sampler\.t_min=0: must be > 0: the probability-flow ODE is singular where sigma = 0.*",
     ),
+    # -- likelihood and compare ----------------------------------------------------------------------
+    ("likelihood", "oracle=gmm2d n=0", r"n=0: must be an integer >= 1"),
+    (
+        "likelihood",
+        "oracle=gmm2d pf_ode.trace=approx",
+        r"pf_ode\.trace=approx: must be auto, exact or hutchinson",
+    ),
+    ("likelihood", "oracle=gmm2d pf_ode.probes=0", r"pf_ode\.probes=0: must be an integer >= 1"),
+    ("likelihood", "oracle=gmm2d pf_ode.rtol=-1", r"pf_ode\.rtol=-1: must be a positive number"),
+    (
+        "likelihood",
+        "oracle=gmm2d vlb.enabled=true",
+        r"vlb\.enabled=true: needs a discrete SDE \(DiscreteVP, sde=ddpm\)",
+    ),
+    (
+        "likelihood",
+        "oracle=gmm2d vlb.variances=[medium]",
+        r"vlb\.variances=\[medium\]: must be a non-empty list of small, large",
+    ),
+    ("likelihood", "oracle=gmm2d elbo.n_t=0", r"elbo\.n_t=0: must be an integer >= 1"),
+    (
+        "likelihood",
+        "oracle=gmm2d data=digits",
+        r"data=sdediff\.data\.digits: must have the model's item shape \(2,\), not \(1, 8, 8\)",
+    ),
+    (
+        "likelihood",
+        "n=10",
+        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
+    ),
+    (
+        "likelihood",
+        f"ckpt={R}/open_target",
+        r"model\._target_='builtins\.open': not an sdediff constructor.*",
+    ),
+    (
+        "compare",
+        "oracle=gmm2d samplers=[nope]",
+        r"samplers=\[nope\]: must be a list of sampler names: ancestral, .*",
+    ),
+    ("compare", "oracle=gmm2d steps=[0]", r"steps=\[0\]: must be a non-empty list of integers >= 1"),
+    ("compare", "oracle=gmm2d n=1", r"n=1: must be an integer >= 2"),
+    ("compare", "oracle=gmm2d reference.rtol=0", r"reference\.rtol=0: must be a positive number"),
+    (
+        "compare",
+        "oracle=gmm2d sde=ddpm samplers=[ancestral] steps=[2000]",
+        r"steps=\[2000\]: does not fit sampler ancestral: .*must be <= 1000.*",
+    ),
+    ("compare", "oracle=nope", r"oracle=nope: no such oracle config; choose one of gaussian, gmm2d"),
     # -- sample: damaged and foreign checkpoints -------------------------------------------------------
     (
         "sample",

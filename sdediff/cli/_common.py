@@ -89,6 +89,8 @@ def _show(value: Any) -> str:
     """A config value as it is typed on the command line."""
     if isinstance(value, DictConfig) or OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, dict) and "_target_" in value:  # a config node: name what it builds
+        return str(value["_target_"])
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:

@@ -132,7 +132,7 @@ def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int) -> tuple[to
     if tuple(x.shape[1:]) != src.item_shape:
         raise ArgumentError(
             "data",
-            tuple(x.shape[1:]),
-            f"must have the model's item shape {src.item_shape} (items of the data)",
+            cfg.get("data"),
+            f"must have the model's item shape {src.item_shape}, not {tuple(x.shape[1:])}",
         )
     return x[:n], where

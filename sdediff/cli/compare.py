@@ -124,7 +124,8 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             if stop != t_end:  # to sigma = 0: Tweedie's denoising at the last positive time
                 from ..models import as_model
 
-                x = as_model(model).x0(x, torch.full((len(x),), stop, dtype=torch.float64), sde)
+                with torch.no_grad():
+                    x = as_model(model).x0(x, torch.full((len(x),), stop, dtype=torch.float64), sde)
             refs[t_end] = x.cpu()
         return refs[t_end]
 
