@@ -24,3 +24,17 @@ def test_readme_names_its_two_commands_and_they_are_installed():
     assert "sdediff-train" in text and "pytest -q" in text
     assert shutil.which("sdediff-train") is not None, "pip install the package to get sdediff-train"
     assert shutil.which("sdediff-sample") is not None
+
+
+def test_every_command_the_readme_names_is_installed():
+    names = set(re.findall(r"^(sdediff-[a-z]+)\b", "\n".join(blocks("bash")), flags=re.M))
+    assert {"sdediff-train", "sdediff-sample", "sdediff-likelihood", "sdediff-compare"} <= names
+    missing = [n for n in sorted(names) if shutil.which(n) is None]
+    assert not missing, f"named in the README but not installed: {missing}"
+
+
+def test_the_readme_figures_exist():
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert figures, "the README shows the notebooks' figures"
+    missing = [f for f in figures if not (README.parent / f).is_file()]
+    assert not missing, f"run python notebooks/_build.py to write {missing}"

@@ -159,15 +159,18 @@ def test_compare_on_a_trained_run_measures_deterministic_samplers_against_a_tigh
     toy_run, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    args = [f"ckpt={toy_run}", "samplers=[pf_ode,dpm_solver]", "steps=[5,20]", "n=200"]
+    args = [f"ckpt={toy_run}", "samplers=[ancestral,pf_ode,dpm_solver]", "steps=[5,20]", "n=200"]
     code, out, err = run_main("compare", [*args, f"out_dir={tmp_path / 'c'}", *QUIET])
     assert code == 0, err
     rows = rows_of(tmp_path / "c" / "compare.csv")
-    rms = {(r["sampler"], int(r["steps"])): float(r["rms_to_reference"]) for r in rows}
-    assert rms[("dpm_solver", 20)] < rms[("dpm_solver", 5)] and rms[("pf_ode", 20)] < rms[("pf_ode", 5)]
-    assert all(
-        r["kl"] == "" and r["sample_distance"] == "" for r in rows
-    )  # no ground truth for a trained net
+    rms = {(r["sampler"], int(r["steps"])): r["rms_to_reference"] for r in rows}
+    assert float(rms[("dpm_solver", 20)]) < float(rms[("dpm_solver", 5)])
+    assert float(rms[("pf_ode", 20)]) < float(rms[("pf_ode", 5)])
+    assert rms[("ancestral", 5)] == "" and all(r["kl"] == "" for r in rows)  # no exact law for a trained net
+    # every sampler, stochastic ones too, is measured against the run's own test split
+    sw2 = {(r["sampler"], int(r["steps"])): float(r["sample_distance"]) for r in rows}
+    assert len(sw2) == 6 and all(math.isfinite(v) and v > 0 for v in sw2.values())
+    assert "SW2 to the run's test split" in out + err
 
 
 def test_compare_runs_under_hydra_multirun(tmp_path, monkeypatch):

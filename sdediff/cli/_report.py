@@ -94,6 +94,9 @@ def save_panels(panels, path: Path, title: str = "", ncols: int | None = None) -
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             ax.set_aspect("equal")
+            outside = int((~((p >= lo) & (p <= hi)).all(1)).sum())
+            if outside:  # never hidden silently: the robust axes leave these out
+                name = f"{name}, {outside} outside the axes"
         ax.set_title(textwrap.fill(f"{name} ({len(pts)})", 40), fontsize=9)
     return _save(plt, fig, path, title)
 
