@@ -7,7 +7,7 @@ One import gives the public API::
     x = sd.sample(model, sde, sampler="dpm_solver", steps=20, shape=(16, 3, 32, 32))
 """
 
-from . import data, errors, losses, nets, oracle, timegrids
+from . import data, errors, losses, nets, oracle, timegrids, variance
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
 from .likelihood import (
@@ -26,10 +26,13 @@ from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
 from .timegrids import get_times
 from .train import TrainResult
+from .variance import AnalyticVariance, analytic_variance
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyticVariance",
+    "analytic_variance",
     "ArgumentError",
     "CheckpointError",
     "ConfigError",
@@ -70,4 +73,5 @@ __all__ = [
     "oracle",
     "sample",
     "timegrids",
+    "variance",
 ]

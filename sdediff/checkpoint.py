@@ -368,6 +368,7 @@ TRUSTED_TARGETS: frozenset[str] = _aliases(
         },
         "DiffusionLoss": ("sdediff", "sdediff.losses", "sdediff.losses.denoising"),
         "VLBLoss": ("sdediff", "sdediff.losses", "sdediff.losses.vlb"),
+        "HybridLoss": ("sdediff.losses", "sdediff.losses.vlb"),
         **{
             name: ("sdediff.losses", "sdediff.losses.weightings")
             for name in ("Simple", "MSE", "Likelihood", "ELBO", "Sigmoid", "EDM", "IDDPM", "VMSE", "X0MSE")

@@ -71,20 +71,26 @@ def _check_variance(variance: str) -> None:
         raise ArgumentError("variance", variance, "must be 'small' or 'large'")
 
 
-def reverse_variance(sde: SDE, s, t, variance: str) -> tuple[Tensor, Tensor]:
+def reverse_variance(sde: SDE, s, t, variance) -> tuple[Tensor, Tensor]:
     """``(var_q, var_p)`` of the reverse step ``t -> s < t``: the posterior ``q(x_s | x_t, x_0)``'s
-    variance (beta-tilde) and the model's, which is that (``"small"``) or the transition's
-    ``sigma^2_{t|s}`` (``"large"``, DDPM's beta for one grid step). float64, shaped like s and t."""
-    _check_variance(variance)
+    variance (beta-tilde) and the model's, which is that (``"small"``), the transition's
+    ``sigma^2_{t|s}`` (``"large"``, DDPM's beta for one grid step) or a variance rule's
+    ``step_variance(sde, s, t)`` (:class:`sdediff.variance.AnalyticVariance`). float64, shaped like s
+    and t."""
     var_q = sde.posterior_coefficients(s, t)[2]
+    if hasattr(variance, "step_variance"):
+        return var_q, variance.step_variance(sde, s, t)
+    _check_variance(variance)
     return var_q, (var_q if variance == "small" else sde.transition_variance(s, t))
 
 
-def decoder_variance(sde: SDE, t1: float, t2: float | None, variance: str) -> float:
+def decoder_variance(sde: SDE, t1: float, t2: float | None, variance) -> float:
     """The variance of the decoder ``p(x_0 | x_{t1})``: the transition's ``sigma^2_{t1|0}`` for
     ``"large"``; for ``"small"``, whose beta-tilde at the first step is 0, the posterior variance of the
     next step ``t2 -> t1`` (DDPM's ``posterior_log_variance_clipped``), or the transition's when there is
-    no next step (``t2 is None``)."""
+    no next step (``t2 is None``); a variance rule's own ``decoder_variance(sde, t1)``."""
+    if hasattr(variance, "decoder_variance"):
+        return float(variance.decoder_variance(sde, t1))
     _check_variance(variance)
     if variance == "large" or t2 is None:
         return float(sde.transition_variance(torch.tensor(0.0, dtype=torch.float64), t1))

@@ -31,11 +31,26 @@ class Model(nn.Module):
         net: an ``nn.Module`` or any callable taking the state ``x`` of shape ``(B, ...)`` and the
             continuous times ``t`` of shape ``(B,)`` (in x's dtype) and returning a tensor like ``x``.
         prediction: what ``net`` predicts: ``"eps"``, ``"x0"``, ``"score"`` or ``"v"``.
+        learn_variance: the net also outputs improved DDPM's variance interpolation ``v``: it returns
+            ``cat([prediction, v], dim=1)`` (twice x's size along dim 1, as the nets' ``learn_variance``
+            and diffusers' ``learned_range`` models do). Every prediction method sees the first half;
+            :meth:`predict_with_v` returns both (see :mod:`sdediff.variance`).
     """
 
-    def __init__(self, net: Callable[[Tensor, Tensor], Tensor], prediction: str = "eps"):
+    def __init__(
+        self, net: Callable[[Tensor, Tensor], Tensor], prediction: str = "eps", learn_variance: bool = False
+    ):
         super().__init__()
         check_kind(prediction)
+        if not isinstance(learn_variance, bool):
+            raise TypeError(f"learn_variance must be True or False, got {learn_variance!r}")
+        net_lv = getattr(net, "learn_variance", None)
+        if isinstance(net_lv, bool) and net_lv != learn_variance:
+            raise ValueError(
+                f"the net was built with learn_variance={net_lv} but the Model with learn_variance="
+                f"{learn_variance}; set both the same (model.learn_variance in the config)"
+            )
+        self.learn_variance = learn_variance
         if isinstance(net, Model):
             raise TypeError("net is already a Model; pass it directly")
         if not callable(net):
@@ -47,20 +62,43 @@ class Model(nn.Module):
         self.prediction = prediction
 
     def extra_repr(self) -> str:
-        return f"prediction={self.prediction!r}"
+        return f"prediction={self.prediction!r}" + (", learn_variance=True" if self.learn_variance else "")
+
+    def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        net = self.net if "net" in self._modules else self._fn
+        out = net(x, t)
+        if not self.learn_variance:
+            return out, None
+        if out.ndim < 2 or out.shape[1] != 2 * x.shape[1] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"a learn_variance model's net must return cat([prediction, v], dim=1) of shape "
+                f"{(x.shape[0], 2 * x.shape[1], *x.shape[2:])}, got {tuple(out.shape)}"
+            )
+        mean, v = out.chunk(2, dim=1)
+        return mean, v
 
     def _call_net(self, x: Tensor, t: Tensor) -> Tensor:
-        net = self.net if "net" in self._modules else self._fn
-        return net(x, t)
+        return self._call_full(x, t)[0]
 
-    def forward(self, x: Tensor, t) -> Tensor:
-        """The raw network output (of kind :attr:`prediction`) for per-sample times."""
+    def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
+        """``(prediction of kind, v)`` from one network call; ``v`` is None unless :attr:`learn_variance`."""
+        check_kind(kind, "kind")
+        out, v = self._call_full(x, _batch_times(t, x))
+        return self._convert(out, x, t, sde, kind), v
+
+    def forward(self, x: Tensor, t, with_v: bool = False):
+        """The raw network output (of kind :attr:`prediction`) for per-sample times; with ``with_v``
+        the pair ``(prediction, v)`` (``v`` None unless :attr:`learn_variance`)."""
+        if with_v:
+            return self._call_full(x, _batch_times(t, x))
         return self._call_net(x, _batch_times(t, x))
 
     def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
         """The prediction of kind ``kind`` at ``(x, t)`` under ``sde``."""
         check_kind(kind, "kind")
-        out = self._call_net(x, _batch_times(t, x))
+        return self._convert(self._call_net(x, _batch_times(t, x)), x, t, sde, kind)
+
+    def _convert(self, out: Tensor, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
         if kind == self.prediction:
             return out
         # coefficients from the times as given (float64 grids stay exact), not the net's cast copy
@@ -109,8 +147,22 @@ def as_model(obj) -> Model:
     if not isinstance(inner, Model):
         inner = getattr(obj, "module", None)  # DistributedDataParallel / DataParallel
     if isinstance(inner, Model):
-        return Model(obj, inner.prediction)
+        return _Wrapped(obj, inner)
     return Model(obj, "eps")
+
+
+class _Wrapped(Model):
+    """A compiled or DDP-wrapped :class:`Model`: calls go through the wrapper, whose output is already
+    the inner model's native prediction (its variance half split off)."""
+
+    def __init__(self, wrapper, inner: Model):
+        super().__init__(wrapper, inner.prediction)
+        self.learn_variance = inner.learn_variance
+
+    def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.learn_variance:
+            return self.net(x, t, with_v=True)
+        return self.net(x, t), None
 
 
 def raw_net(model: Model):

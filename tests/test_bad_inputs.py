@@ -276,7 +276,8 @@ CASES = [
     (
         "train",
         "sampler.options.variance=medium",
-        r"sampler\.options\.variance=medium: must be 'small' or 'large'",
+        r"sampler\.options\.variance=medium: must be one of 'small', 'large', 'learned', or an "
+        r"AnalyticVariance \(sdediff\.analytic_variance\)",
     ),
     ("train", "sampler.options.eta=-1", r"sampler\.options\.eta=-1: must be a number >= 0"),
     (

@@ -8,10 +8,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..gaussians import VARIANCES, decoder_variance, discretized_gaussian_log_prob, prior_kl, reverse_variance
+from ..errors import ArgumentError
+from ..gaussians import decoder_variance, discretized_gaussian_log_prob, prior_kl, reverse_variance
 from ..lattice import scaling as _scaling
 from ..models import as_model
 from ..sde import SDE
+from ..variance import check_variance, learned_variance
 from ._common import (
     _check_batch,
     _check_choice,
@@ -38,9 +40,9 @@ class DiscreteVLB(NamedTuple):
     Attributes:
         total: ``(B,)`` the bound ``L_T + sum_t L_{t-1} + L_0``.
         L_T: ``(B,)`` prior term ``KL(q(x_N | x_0) || prior)``.
-        L_t: ``(B, N - 1)`` the terms ``L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))`` for
-            ``t = 2 .. N`` (column ``j`` is ``t = j + 2``); ``None`` when the sum was estimated by Monte Carlo
-            over t.
+        L_t: ``(B, K - 1)`` the terms ``L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))`` for
+            the grid's steps ``t = 2 .. K`` (column ``j`` is ``t = j + 2``; K = N, or ``steps`` for a
+            subsequence); ``None`` when the sum was estimated by Monte Carlo over t.
         L_0: ``(B,)`` decoder term ``-log p(x_0 | x_1)``.
         stderr: ``(B,)`` standard error of ``total`` from the Monte Carlo over t (zeros when every term was
             computed). Each term's expectation over ``x_t ~ q(x_t | x_0)`` is always one draw.
@@ -81,9 +83,10 @@ def discrete_vlb(
     sde: SDE,
     x0: Tensor,
     *,
-    variance: str = "small",
+    variance="small",
     decoder: str = "discretized",
     data_range: str = "[-1,1]",
+    steps: int | None = None,
     n_t: int | None = None,
     max_batch: int = 4096,
     noise: Tensor | None = None,
@@ -101,13 +104,20 @@ def discrete_vlb(
 
     where ``q(x_{t-1} | x_t, x_0) = N(c_t x_t + c_0 x_0, beta_tilde_t I)`` comes from
     ``sde.posterior_coefficients`` between the grid times, the model's ``x0_hat`` is plugged into the
-    posterior mean (DDPM's mu_theta), and ``s_t^2`` is ``beta_tilde_t`` (``variance="small"``) or
-    ``beta_t = sde.transition_variance(t_{t-1}, t_t)`` (``"large"``). Each expectation over ``x_t`` is one
-    draw per sample and term.
+    posterior mean (DDPM's mu_theta), and ``s_t^2`` is ``beta_tilde_t`` (``variance="small"``),
+    ``beta_t = sde.transition_variance(t_{t-1}, t_t)`` (``"large"``), the model's own interpolation
+    between them (``"learned"``, a ``learn_variance`` model) or Analytic-DPM's optimum (an
+    :class:`~sdediff.variance.AnalyticVariance` from :func:`~sdediff.variance.analytic_variance`); see
+    :mod:`sdediff.variance`. Each expectation over ``x_t`` is one draw per sample and term.
 
     The decoder ``p(x_0 | x_1)`` has mean ``mu_theta(x_1, 1) = x0_hat(x_1)`` (the posterior mean at
     ``t_0 = 0``) and variance ``beta_1`` for ``"large"``; for ``"small"``, whose ``beta_tilde_1`` is 0, it
-    uses ``beta_tilde_2`` as DDPM's code does (``beta_1`` when N = 1).
+    uses ``beta_tilde_2`` as DDPM's code does (``beta_1`` when N = 1); "learned" interpolates between
+    those two; analytic uses its own decoder variance.
+
+    ``steps=K`` bounds the K-step model on a subsequence of the grid (DDIM-style skipping: the
+    ``"trailing"`` K of the N training times, ``t_N`` included), whose steps are the posteriors between
+    the visited times.
 
     * ``decoder="discretized"`` (8-bit data, DDPM's L_0): the Gaussian's mass over the bin of width
       ``a/255`` around ``x_0``, edges at -+inf for k = 0 and 255; ``x0`` must be 8-bit data (``uint8`` or
@@ -119,6 +129,7 @@ def discrete_vlb(
         model: anything :func:`sdediff.as_model` accepts.
         sde: an SDE on a discrete schedule (``sde.schedule.timesteps`` not None, e.g. DiscreteVP).
         x0: data ``(B, ...)``.
+        steps: ``None`` (every grid time) or the length K of a subsequence of the grid.
         n_t: ``None`` computes every term ``t = 2 .. N`` (batched over t, ``max_batch`` samples per model
             call); an integer estimates their sum by ``n_t`` uniform draws of t per sample, with its
             standard error (``L_t`` is then None). ``L_T`` and ``L_0`` are always computed.
@@ -138,7 +149,7 @@ def discrete_vlb(
             f"discrete_vlb needs a discrete schedule (sde.schedule.timesteps is not None, e.g. DiscreteVP); "
             f"{type(sde.schedule).__name__} is continuous: use continuous_elbo instead"
         )
-    _check_choice("variance", variance, VARIANCES)
+    check_variance(variance, owner="discrete_vlb")
     _check_choice("decoder", decoder, DECODERS)
     _check_batch(x0, "x0")
     x0 = _prepare_data(x0, decoder, data_range, dtype, "x0")
@@ -148,6 +159,18 @@ def discrete_vlb(
     max_batch = _int_at_least("max_batch", max_batch, 1)
 
     model = as_model(model)
+    learned = variance == "learned"
+    if learned and not model.learn_variance:
+        raise ArgumentError(
+            "variance", "learned", "needs a model that learns its variance (Model(..., learn_variance=True))"
+        )
+    if steps is not None:
+        from ..timegrids import get_times
+
+        steps = _int_at_least("steps", steps, 1)
+        if steps > grid.numel():
+            raise ArgumentError("steps", steps, f"must be at most the grid's {grid.numel()} times")
+        grid = get_times(sde, steps, grid="trailing", t_min=0.0)[:-1].flip(0)
     x0 = x0.detach()
     dev, xdt = x0.device, x0.dtype
     B, D, event = x0.shape[0], x0[0].numel(), x0.shape[1:]
@@ -165,9 +188,9 @@ def discrete_vlb(
             return noise[start:stop]
         return _randn((shape_rows, *x0.shape), generator, dev, xdt)
 
-    def x0_hat(xt: Tensor, t: Tensor) -> Tensor:
+    def x0_hat(xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
-            return model.x0(xt, t.to(dev), sde)
+            return model.predict_with_v(xt, t.to(dev), sde, "x0")
 
     # step KLs for the grid indices idx (R, B) (values in 2..N), with eps (R, B, ...)
     def step_kls(idx: Tensor, eps: Tensor) -> Tensor:
@@ -176,16 +199,21 @@ def discrete_vlb(
         s = t_all[idx.flatten().cpu() - 1]
         alpha, sigma = sde.marginal(t)
         c_0 = sde.posterior_coefficients(s, t)[1]
-        var_q, var_p = reverse_variance(sde, s, t, variance)
+        var_q, var_p = reverse_variance(sde, s, t, "large" if learned else variance)
         nd = x0.ndim
         xrep = x0.repeat(R, *([1] * (nd - 1)))
         xt = _col(alpha, nd, dev).to(xdt) * xrep + _col(sigma, nd, dev).to(xdt) * eps.reshape(R * B, *event)
-        xh = x0_hat(xt, t)
+        xh, v = x0_hat(xt, t)
         # q's and p's means differ by c_0 (x_0 - x0_hat); the rest of the KL is per-time
         diff = (_col(c_0, nd, dev) * (xrep.to(torch.float64) - xh.to(torch.float64))).flatten(1)
         var_q, var_p = var_q.to(dev), var_p.to(dev)
-        ratio = var_q / var_p
-        kl = 0.5 * (D * (ratio - 1.0 - torch.log(ratio)) + diff.pow(2).sum(1) / var_p)
+        if learned:  # per element: between the step's beta_tilde and beta
+            var_p = learned_variance(v.flatten(1), var_q[:, None], var_p[:, None])
+            ratio = var_q[:, None] / var_p
+            kl = 0.5 * ((ratio - 1.0 - torch.log(ratio)) + diff.pow(2) / var_p).sum(1)
+        else:
+            ratio = var_q / var_p
+            kl = 0.5 * (D * (ratio - 1.0 - torch.log(ratio)) + diff.pow(2).sum(1) / var_p)
         return kl.reshape(R, B)
 
     # L_T
@@ -196,15 +224,22 @@ def discrete_vlb(
     t1 = t_all[1:2].expand(B)
     a1, s1 = (v[0].item() for v in sde.marginal(t_all[1:2]))
     x1 = a1 * x0 + s1 * eps1
-    mean0 = x0_hat(x1, t1).to(torch.float64)
-    var0 = decoder_variance(sde, float(t_all[1]), float(t_all[2]) if N > 1 else None, variance)
-    std0 = math.sqrt(var0)
+    mean0, v0 = x0_hat(x1, t1)
+    mean0 = mean0.to(torch.float64)
+    t2 = float(t_all[2]) if N > 1 else None
+    if learned:
+        small, large = (
+            torch.tensor(decoder_variance(sde, float(t_all[1]), t2, k), dtype=torch.float64)
+            for k in ("small", "large")
+        )
+        var0 = learned_variance(v0, small, large)
+    else:
+        var0 = torch.tensor(decoder_variance(sde, float(t_all[1]), t2, variance), dtype=torch.float64)
     x064 = x0.to(torch.float64)
     if decoder == "discretized":
-        std0_t = torch.tensor(std0, dtype=torch.float64)
-        L_0 = -discretized_gaussian_log_prob(x064, mean0, std0_t, a / 510.0, b, a + b)
+        L_0 = -discretized_gaussian_log_prob(x064, mean0, var0.sqrt(), a / 510.0, b, a + b)
     else:
-        L_0 = (0.5 * ((x064 - mean0) ** 2 / var0 + math.log(2 * math.pi * var0))).flatten(1).sum(1)
+        L_0 = (0.5 * ((x064 - mean0) ** 2 / var0 + torch.log(2 * math.pi * var0))).flatten(1).sum(1)
 
     # L_{t-1}, t = 2 .. N
     if N == 1:

@@ -6,6 +6,7 @@
 * :mod:`~sdediff.losses.time_sampling`: :class:`Uniform`, :class:`LogSNRUniform`, :class:`Importance`;
 * :class:`DiffusionLoss`: the weighted denoising loss composing a weighting and a time sampler;
 * :class:`VLBLoss`: DDPM's discrete variational bound.
+* :class:`HybridLoss`: improved DDPM's L_simple + lam L_vlb for a model that learns its variance.
 
 ``loss(model, x0, generator=None)`` returns per-sample unbiased estimates of the objective; the configs
 in ``configs/loss/`` build these objects with hydra's ``_target_``.
@@ -13,12 +14,13 @@ in ``configs/loss/`` build these objects with hydra's ``_target_``.
 
 from .denoising import REDUCTIONS, DiffusionLoss
 from .time_sampling import Importance, LogSNRUniform, TimeSampler, Uniform
-from .vlb import DECODERS, DiscreteKL, VLBLoss
+from .vlb import DECODERS, DiscreteKL, HybridLoss, VLBLoss
 from .weightings import EDM, ELBO, IDDPM, MSE, VMSE, X0MSE, Likelihood, Sigmoid, Simple, Weighting
 
 __all__ = [
     "DiffusionLoss",
     "VLBLoss",
+    "HybridLoss",
     "Weighting",
     "Simple",
     "MSE",

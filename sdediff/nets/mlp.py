@@ -44,6 +44,9 @@ class MLP(nn.Module):
         hidden, depth, emb_dim: width, number of residual blocks, width of the fixed time embedding.
         dropout: dropout inside the blocks.
         zero_init: zero the output layer (a fresh net then predicts 0 everywhere).
+        learn_variance: also output improved DDPM's variance interpolation ``v`` per feature: the
+            output is ``cat([prediction, v], dim=1)``, each shaped like ``x`` (see
+            :class:`sdediff.Model`'s ``learn_variance``).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MLP(nn.Module):
         embedding: str = "sinusoidal",
         dropout: float = 0.0,
         zero_init: bool = False,
+        learn_variance: bool = False,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("emb_dim", emb_dim)):
@@ -81,7 +85,8 @@ class MLP(nn.Module):
         self.inp = nn.Linear(self.dim, self.hidden)
         self.blocks = nn.ModuleList(_Block(self.hidden, self.hidden, dropout) for _ in range(self.depth))
         self.out_norm = nn.LayerNorm(self.hidden)
-        self.out = nn.Linear(self.hidden, self.dim)
+        self.learn_variance = bool(learn_variance)
+        self.out = nn.Linear(self.hidden, self.dim * (2 if self.learn_variance else 1))
         self.act = nn.SiLU()
         if zero_init:
             nn.init.zeros_(self.out.weight)
@@ -99,4 +104,8 @@ class MLP(nn.Module):
         h = self.inp(h)
         for block in self.blocks:
             h = block(h, temb)
-        return self.out(self.act(self.out_norm(h))).reshape(x.shape)
+        out = self.out(self.act(self.out_norm(h)))
+        if self.learn_variance:
+            mean, v = out.chunk(2, dim=1)
+            return torch.cat([mean.reshape(x.shape), v.reshape(x.shape)], dim=1)
+        return out.reshape(x.shape)

@@ -145,6 +145,8 @@ class UNet(nn.Module):
         zero_init: DDPM++'s ``init_scale=0`` for the last layer of every residual branch and the output.
         time_input, time_scale, schedule, time_transform, embedding: the time embedding, see
             :class:`~sdediff.nets.embedding.TimeEmbedding` (default ``1000 t``, sinusoidal).
+        learn_variance: also output improved DDPM's variance interpolation ``v``: ``2 out_ch``
+            channels, ``cat([prediction, v], dim=1)`` (see :class:`sdediff.Model`'s ``learn_variance``).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class UNet(nn.Module):
         schedule=None,
         time_transform: Callable[[Tensor], Tensor] | None = None,
         embedding: str = "sinusoidal",
+        learn_variance: bool = False,
     ):
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
@@ -238,7 +241,8 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
         assert not skip_chs
         self.norm_out = _norm(cur)
-        self.conv_out = nn.Conv2d(cur, self.out_ch, 3, padding=1)
+        self.learn_variance = bool(learn_variance)
+        self.conv_out = nn.Conv2d(cur, self.out_ch * (2 if self.learn_variance else 1), 3, padding=1)
         self._init(zero_init)
 
     def _init(self, zero_init: bool) -> None:

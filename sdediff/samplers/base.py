@@ -147,14 +147,24 @@ class Evaluator:
         net = raw_net(model)
         if net is not None:
             self._fn, self.kind, self.float64 = net, model.prediction, False
+            self._full = model._call_full if model.learn_variance else None
         else:
             self._fn, self.kind, self.float64 = (lambda x, t: model.x0(x, t, sde)), "x0", True
+            self._full = None
+            if model.learn_variance:
+                self._full = lambda x, t: model.predict_with_v(x, t, sde, "x0")
+        self.learn_variance = self._full is not None
         self.sde = sde
         self.nfe = 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         return self._fn(x, t)
+
+    def with_v(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, v)`` from one call of a model that learns its variance."""
+        self.nfe += 1
+        return self._full(x, t)
 
     def time_dtype(self, x: Tensor) -> torch.dtype:
         return torch.float64 if self.float64 else coef_dtype(x)
