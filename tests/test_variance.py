@@ -62,6 +62,15 @@ def expected_vlb(sde, grid, s, D, rule):
     return total  # the prior KL is the same for every rule and left out
 
 
+def analytic_rule(sde, av):
+    def rule(a, b):
+        if a is None:
+            return torch.tensor([av.decoder_variance(sde, float(b[0]))], dtype=F64)
+        return av.step_variance(sde, a, b)
+
+    return rule
+
+
 @pytest.fixture(scope="module")
 def ddpm():
     return sd.SDE(sd.DiscreteVP.ddpm(1000))
@@ -80,7 +89,9 @@ def test_analytic_variance_equals_the_closed_form_optimum(ddpm, steps, s):
     want = var_q + c_0**2 * post_var(ddpm, t, s)
     torch.testing.assert_close(av.step_variance(ddpm, s_t, t), want, rtol=1e-12, atol=0)
     # the decoder: c_0 = 1 at s = 0 for a VP schedule, beta_tilde = 0
-    assert av.decoder_variance(ddpm, float(grid[0])) == pytest.approx(float(post_var(ddpm, grid[0], s)), rel=1e-12)
+    assert av.decoder_variance(ddpm, float(grid[0])) == pytest.approx(
+        float(post_var(ddpm, grid[0], s)), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("steps", [1000, 25])
@@ -88,7 +99,9 @@ def test_analytic_variance_is_beta_for_standard_normal_data_and_beta_tilde_for_a
     grid = grid_of(ddpm, steps)
     t, s_t = grid[1:], grid[:-1]
     unit = AnalyticVariance.from_gamma(ddpm, grid, exact_gamma(ddpm, grid, 1.0))
-    torch.testing.assert_close(unit.step_variance(ddpm, s_t, t), ddpm.transition_variance(s_t, t), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        unit.step_variance(ddpm, s_t, t), ddpm.transition_variance(s_t, t), rtol=1e-10, atol=0
+    )
     tiny = AnalyticVariance.from_gamma(ddpm, grid, exact_gamma(ddpm, grid, 1e-7))
     beta_tilde = ddpm.posterior_coefficients(s_t, t)[2]
     torch.testing.assert_close(tiny.step_variance(ddpm, s_t, t), beta_tilde, rtol=1e-6, atol=0)
@@ -109,11 +122,8 @@ def test_the_analytic_vlb_is_below_both_fixed_choices(ddpm, steps, s):
 
         return rule
 
-    def analytic(a, b):
-        return torch.tensor([av.decoder_variance(ddpm, float(b[0]))], dtype=F64) if a is None else av.step_variance(ddpm, a, b)
-
     vals = {k: expected_vlb(ddpm, grid, s, D, fixed(k)) for k in ("small", "large")}
-    va = expected_vlb(ddpm, grid, s, D, analytic)
+    va = expected_vlb(ddpm, grid, s, D, analytic_rule(ddpm, av))
     assert va <= min(vals.values()) + 1e-9, (va, vals)
     if steps <= 25 and s < 1.0:  # a short chain: the fixed choices pay visibly
         assert va < min(vals.values()) - 1e-3
@@ -125,13 +135,17 @@ def test_discrete_vlb_with_the_analytic_variance_matches_its_closed_form(ddpm):
     grid = grid_of(ddpm, steps)
     av = AnalyticVariance.from_gamma(ddpm, grid, exact_gamma(ddpm, grid, s))
     x = data.sample(4000, generator=torch.Generator().manual_seed(0))
-    r = discrete_vlb(data.model(ddpm), ddpm, x, variance=av, decoder="gaussian", steps=steps,
-                     generator=torch.Generator().manual_seed(1))
-    est = r.nats - sd.gaussians.prior_kl(ddpm, x)
-    want = expected_vlb(
-        ddpm, grid, s, D,
-        lambda a, b: torch.tensor([av.decoder_variance(ddpm, float(b[0]))], dtype=F64) if a is None else av.step_variance(ddpm, a, b),
+    r = discrete_vlb(
+        data.model(ddpm),
+        ddpm,
+        x,
+        variance=av,
+        decoder="gaussian",
+        steps=steps,
+        generator=torch.Generator().manual_seed(1),
     )
+    est = r.nats - sd.gaussians.prior_kl(ddpm, x)
+    want = expected_vlb(ddpm, grid, s, D, analytic_rule(ddpm, av))
     se = float(est.std()) / math.sqrt(len(est))
     assert abs(float(est.mean()) - want) < 5 * se, (float(est.mean()), want, se)
 
@@ -142,8 +156,16 @@ def test_the_monte_carlo_moments_match_the_exact_ones(ddpm, estimator):
     data = gaussian(D, s)
     grid = grid_of(ddpm, 25)
     x = data.sample(n, generator=torch.Generator().manual_seed(0))
-    av = analytic_variance(data.model(ddpm), ddpm, x, times=grid, n=n, batch_size=3000, estimator=estimator,
-                           generator=torch.Generator().manual_seed(1))
+    av = analytic_variance(
+        data.model(ddpm),
+        ddpm,
+        x,
+        times=grid,
+        n=n,
+        batch_size=3000,
+        estimator=estimator,
+        generator=torch.Generator().manual_seed(1),
+    )
     V = post_var(ddpm, grid, s)
     # per item, ||x0 - x0_hat||^2 / D is V chi^2_D / D and ||eps_hat||^2 / D is Gamma chi^2_D / D: the
     # first estimate's standard error is relative, the second's absolute in Gamma (x sigma^2 / alpha^2)
@@ -162,8 +184,12 @@ def test_analytic_moments_from_a_loader_and_clipping(ddpm):
     x = data.sample(300, generator=torch.Generator().manual_seed(0))
     grid = grid_of(ddpm, 10)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
-    a = analytic_variance(data.model(ddpm), ddpm, loader, times=grid, n=200, generator=torch.Generator().manual_seed(1))
-    b = analytic_variance(data.model(ddpm), ddpm, x[:200], times=grid, n=200, generator=torch.Generator().manual_seed(1))
+    a = analytic_variance(
+        data.model(ddpm), ddpm, loader, times=grid, n=200, generator=torch.Generator().manual_seed(1)
+    )
+    b = analytic_variance(
+        data.model(ddpm), ddpm, x[:200], times=grid, n=200, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(a.moment, b.moment)
     # Gamma > 1 clips to beta_tilde; Gamma < 0 (impossible) to the upper bound; a data range caps the error
     t, s_t = grid[1:], grid[:-1]
@@ -171,9 +197,13 @@ def test_analytic_moments_from_a_loader_and_clipping(ddpm):
     hi = AnalyticVariance.from_gamma(ddpm, grid, torch.full_like(grid, 2.0))
     torch.testing.assert_close(hi.step_variance(ddpm, s_t, t), bt)
     lo = AnalyticVariance.from_gamma(ddpm, grid, torch.full_like(grid, -1.0))
-    torch.testing.assert_close(lo.step_variance(ddpm, s_t, t), bt + c_0**2 * torch.exp(-ddpm.schedule.log_snr(t)))
+    torch.testing.assert_close(
+        lo.step_variance(ddpm, s_t, t), bt + c_0**2 * torch.exp(-ddpm.schedule.log_snr(t))
+    )
     capped = AnalyticVariance.from_gamma(ddpm, grid, torch.full_like(grid, -1.0), data_bound=1.0)
-    torch.testing.assert_close(capped.step_variance(ddpm, s_t, t), bt + c_0**2 * torch.exp(-ddpm.schedule.log_snr(t)).clamp(max=1.0))
+    torch.testing.assert_close(
+        capped.step_variance(ddpm, s_t, t), bt + c_0**2 * torch.exp(-ddpm.schedule.log_snr(t)).clamp(max=1.0)
+    )
     assert hi.decoder_variance(ddpm, float(grid[0])) > 0  # the decoder stays a density
 
 
@@ -209,8 +239,16 @@ def test_ancestral_sampling_with_the_analytic_variance_on_a_subsequence(ddpm):
     err = {}
     for name, v in (("small", "small"), ("large", "large"), ("analytic", av)):
         seen = {}
-        sd.sample(data.model(ddpm), ddpm, sampler="ancestral", steps=10, x_T=x_T, variance=v,
-                  generator=torch.Generator().manual_seed(3), callback=lambda i: seen.update({i["i"]: i["x"]}))
+        sd.sample(
+            data.model(ddpm),
+            ddpm,
+            sampler="ancestral",
+            steps=10,
+            x_T=x_T,
+            variance=v,
+            generator=torch.Generator().manual_seed(3),
+            callback=lambda i, seen=seen: seen.update({i["i"]: i["x"]}),
+        )
         err[name] = float((seen[9].var(0) - want).abs().max() / want)
     se = math.sqrt(2.0 / n)  # relative standard error of a sample variance
     assert err["analytic"] < 5 * se, err
@@ -253,10 +291,27 @@ def test_learned_variance_at_plus_minus_one_is_large_and_small(ddpm, steps, deco
         x = torch.round((x + 1) * 127.5) / 127.5 - 1
     for v, fixed in ((1.0, "large"), (-1.0, "small")):
         model = sd.Model(ConstantV(data, ddpm, v), "eps", learn_variance=True)
-        a = discrete_vlb(model, ddpm, x, variance="learned", decoder=decoder, steps=steps, n_t=None,
-                         generator=torch.Generator().manual_seed(1), dtype=F64)
-        b = discrete_vlb(data.model(ddpm), ddpm, x, variance=fixed, decoder=decoder, steps=steps,
-                         generator=torch.Generator().manual_seed(1), dtype=F64)
+        a = discrete_vlb(
+            model,
+            ddpm,
+            x,
+            variance="learned",
+            decoder=decoder,
+            steps=steps,
+            n_t=None,
+            generator=torch.Generator().manual_seed(1),
+            dtype=F64,
+        )
+        b = discrete_vlb(
+            data.model(ddpm),
+            ddpm,
+            x,
+            variance=fixed,
+            decoder=decoder,
+            steps=steps,
+            generator=torch.Generator().manual_seed(1),
+            dtype=F64,
+        )
         torch.testing.assert_close(a.nats, b.nats, rtol=1e-10, atol=1e-10)
 
 
@@ -265,10 +320,25 @@ def test_ancestral_with_learned_variance_follows_the_model(ddpm):
     x_T = torch.randn(256, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     for v, fixed in ((1.0, "large"), (-1.0, "small")):
         model = sd.Model(ConstantV(data, ddpm, v), "eps", learn_variance=True)
-        a, info = sd.sample(model, ddpm, sampler="ancestral", steps=25, x_T=x_T, variance="learned",
-                            generator=torch.Generator().manual_seed(1), return_info=True)
-        b = sd.sample(data.model(ddpm), ddpm, sampler="ancestral", steps=25, x_T=x_T, variance=fixed,
-                      generator=torch.Generator().manual_seed(1))
+        a, info = sd.sample(
+            model,
+            ddpm,
+            sampler="ancestral",
+            steps=25,
+            x_T=x_T,
+            variance="learned",
+            generator=torch.Generator().manual_seed(1),
+            return_info=True,
+        )
+        b = sd.sample(
+            data.model(ddpm),
+            ddpm,
+            sampler="ancestral",
+            steps=25,
+            x_T=x_T,
+            variance=fixed,
+            generator=torch.Generator().manual_seed(1),
+        )
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         assert info.nfe == 25
     with pytest.raises(ArgumentError, match="learns its variance"):
@@ -287,8 +357,15 @@ def test_learn_variance_nets_and_the_model_split():
     eps, v = m.predict_with_v(x, 0.5, sde)
     torch.testing.assert_close(torch.cat([eps, v], 1), full)
     torch.testing.assert_close(m.eps(x, 0.5, sde), full[:, :3])
-    u = sd.nets.UNet(in_ch=1, ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], resolution=8,
-                     learn_variance=True)
+    u = sd.nets.UNet(
+        in_ch=1,
+        ch=8,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        resolution=8,
+        learn_variance=True,
+    )
     assert sd.Model(u, "eps", learn_variance=True)(torch.randn(2, 1, 8, 8), 0.3).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="learn_variance"):
         sd.Model(net, "eps")
