@@ -73,6 +73,7 @@ class AnalyticVariance:
         n: data items per time; ``evaluations``: items the model evaluated (``n`` per time) in
             ``calls`` batched calls; ``seconds``: wall time of the estimate.
         data_bound: ``(hi - lo) / 2`` of the data's range, or None (no range bound).
+        source: where the data came from (free text, for reports).
     """
 
     times: Tensor
@@ -83,6 +84,7 @@ class AnalyticVariance:
     calls: int = 0
     seconds: float = 0.0
     data_bound: float | None = None
+    source: str = ""
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

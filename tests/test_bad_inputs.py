@@ -242,7 +242,7 @@ CASES = [
     ),
     ("train", "sde=unknown", rf"sde=unknown: no such sde config; choose one of {CHOICES['sde']}"),
     ("train", "model=nope", r"model=nope: no such model config; choose one of mlp, unet, unet_small"),
-    ("train", "loss=nope", r"loss=nope: no such loss config; choose one of edm, elbo, sigmoid, simple, vlb"),
+    ("train", "loss=nope", r"loss=nope: no such loss config; choose one of edm, elbo, hybrid, sigmoid, simple, vlb"),
     (
         "train",
         "data=nope",
@@ -401,6 +401,16 @@ CASES = [
     ),
     # -- train: the eval group -------------------------------------------------------------------------
     ("train", "eval.likelihood=elbo", r"eval\.likelihood=elbo: must be null, nll or bpd"),
+    (
+        "train",
+        "sde=ddpm loss=hybrid",
+        r"model\.learn_variance=false: must be true with loss=hybrid .*; set model\.learn_variance=true",
+    ),
+    (
+        "train",
+        "loss=hybrid model.learn_variance=true",
+        r"loss\._target_=sdediff\.losses\.HybridLoss: needs a DiscreteVP schedule \(sde=ddpm\).*",
+    ),
     ("train", "eval.baseline=gmm", r"eval\.baseline=gmm: needs eval\.likelihood=bpd and eval\.val_data.*"),
     ("train", "eval.trace=approx", r"eval\.trace=approx: must be exact or hutchinson"),
     ("train", "eval.probes=0", r"eval\.probes=0: must be an integer >= 1"),
@@ -558,7 +568,24 @@ CASES = [
     (
         "likelihood",
         "oracle=gmm2d vlb.variances=[medium]",
-        r"vlb\.variances=\[medium\]: must be a non-empty list of small, large",
+        r"vlb\.variances=\[medium\]: must be auto or a non-empty list of small, large, learned, analytic",
+    ),
+    (
+        "likelihood",
+        "oracle=gmm2d sde=ddpm vlb.variances=[learned]",
+        r"vlb\.variances=\[learned\]: needs a model that learns its variance \(model\.learn_variance\)",
+    ),
+    ("likelihood", "oracle=gmm2d sde=ddpm vlb.steps=0", r"vlb\.steps=0: must be null \(every grid time\).*"),
+    (
+        "likelihood",
+        "oracle=gmm2d sde=ddpm vlb.steps=5000",
+        r"vlb\.steps=5000: must be at most the grid's 1000",
+    ),
+    ("likelihood", "oracle=gmm2d vlb.analytic.n=1", r"vlb\.analytic\.n=1: must be an integer >= 2"),
+    (
+        "likelihood",
+        "oracle=gmm2d vlb.analytic.estimator=mc",
+        r"vlb\.analytic\.estimator=mc: must be x0_error or eps_norm",
     ),
     ("likelihood", "oracle=gmm2d elbo.n_t=0", r"elbo\.n_t=0: must be an integer >= 1"),
     (

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -103,6 +104,53 @@ def test_likelihood_of_a_trained_run_on_a_discrete_sde_has_the_vlb_per_term(toy_
     terms = report["vlb_terms_over_t"]["discrete VLB (small variance)"]
     assert len(terms) == 999 and all(v >= -1e-9 for v in terms)  # KL terms t = 2..1000
     assert "the run's test split" in report["data"]
+
+
+def test_a_hybrid_trained_run_reports_its_learned_and_analytic_variance(tmp_path, monkeypatch):
+    """loss=hybrid with model.learn_variance=true trains end to end; sdediff-likelihood then shows the
+    discrete VLB for every variance (auto) on the same draws, and sdediff-sample uses the learned one."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "sde=ddpm",
+                "loss=hybrid",
+                "model.learn_variance=true",
+                "train.steps=60",
+                "train.log_every=20",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "eval.n_samples=0",
+                "eval.likelihood=null",
+                "eval.baseline=null",
+                f"out_dir={tmp_path / 'hy'}",
+            ],
+        )
+    train_cli.run(cfg)
+    args = [f"ckpt={tmp_path / 'hy'}", "n=40", "pf_ode.rtol=1e-3", "pf_ode.atol=1e-3", "vlb.analytic.n=50"]
+    code, out, err = run_main("likelihood", [*args, "vlb.steps=50", f"out_dir={tmp_path / 'l'}", *QUIET])
+    assert code == 0, err
+    by = {r["method"]: float(r["value"]) for r in rows_of(tmp_path / "l" / "likelihood.csv")}
+    names = [f"discrete VLB ({v} variance, 50 steps)" for v in ("small", "large", "learned", "analytic")]
+    assert set(names) <= set(by) and all(math.isfinite(by[n]) for n in names)
+    report = json.loads((tmp_path / "l" / "likelihood.json").read_text())
+    av = report["analytic_variance"]
+    assert av["evaluations"] == 50 * 50 and av["data"] == "the run's training data" and av["seconds"] > 0
+    code, out, err = run_main(
+        "sample",
+        [
+            f"ckpt={tmp_path / 'hy'}",
+            "sampler=ancestral",
+            "sampler.options.variance=learned",
+            "steps=20",
+            "n=16",
+            f"out_dir={tmp_path / 's'}",
+            *QUIET,
+        ],
+    )
+    assert code == 0, err
+    assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (16, 2)
 
 
 def test_likelihood_of_8bit_data_is_in_bits_per_dim(tmp_path, monkeypatch):

@@ -464,6 +464,15 @@ def build(cfg: DictConfig, *, data: bool = True) -> dict[str, Any]:
     out["model"] = instantiate_at(cfg.model, "model")
     has_loss = "loss" in cfg and cfg.loss is not None
     out["loss"] = instantiate_at(cfg.loss, "loss", sde=out["sde"]) if has_loss else None
+    from ..losses import HybridLoss
+
+    if isinstance(out["loss"], HybridLoss) and not getattr(out["model"], "learn_variance", False):
+        raise ArgumentError(
+            "model.learn_variance",
+            False,
+            "must be true with loss=hybrid (it trains the model's variance output); "
+            "set model.learn_variance=true",
+        )
     out["sampler"] = instantiate_at(cfg.sampler, "sampler") if cfg.get("sampler") is not None else None
     if data:
         out["data"] = instantiate_at(cfg.data, "data")
@@ -488,7 +497,8 @@ def build(cfg: DictConfig, *, data: bool = True) -> dict[str, Any]:
                 )
         check_model_fits(out["model"], x[:2], cfg)
         if out["sampler"] is not None:
-            check_sampler(out["sampler"], out["sde"], tuple(x.shape[1:]))
+            lv = bool(getattr(out["model"], "learn_variance", False))
+            check_sampler(out["sampler"], out["sde"], tuple(x.shape[1:]), lv)
     return out
 
 
@@ -539,12 +549,12 @@ def check_model_fits(model, x, cfg: DictConfig | None = None) -> None:
 _SAMPLER_KEYS = ("name", "steps", "grid", "t_min")
 
 
-def check_sampler(sampler, sde, item_shape: tuple[int, ...]) -> None:
+def check_sampler(sampler, sde, item_shape: tuple[int, ...], learn_variance: bool = False) -> None:
     """Run the sampler's validation on this SDE (grid, t_min, steps, options) with a null network on
     one item (:meth:`sdediff.samplers.Sampler.check`): every check ``sample()`` and the sampler make,
     before any real work. Errors name the ``sampler.*`` config key."""
     try:
-        sampler.check(sde, (1, *item_shape))
+        sampler.check(sde, (1, *item_shape), learn_variance=learn_variance)
     except ArgumentError as e:
         key = e.key if e.key in _SAMPLER_KEYS or e.key.startswith("options.") else f"options.{e.key}"
         raise ArgumentError(f"sampler.{key}", e.value, e.allowed) from None

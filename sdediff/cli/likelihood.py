@@ -21,14 +21,23 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ArgumentError
 from ..lattice import on_lattice
 from ..likelihood import bits_per_dim, continuous_elbo, discrete_vlb, log_likelihood
 from ..train import resolve_device
 from . import _report
-from ._common import check_out_dir, check_seed, clean_errors, config_dir, output_dir, preflight, run_logger
+from ._common import (
+    check_out_dir,
+    check_seed,
+    clean_errors,
+    config_dir,
+    instantiate_at,
+    output_dir,
+    preflight,
+    run_logger,
+)
 from ._source import evaluation_data, load_source
 
 PROG = "sdediff-likelihood"
@@ -39,6 +48,9 @@ def _sde_overridden() -> bool:
     from .sample import _sde_overridden as overridden
 
     return overridden()
+
+
+VARIANCE_CHOICES = ("small", "large", "learned", "analytic")
 
 
 def _check(cfg: DictConfig) -> None:
@@ -57,11 +69,22 @@ def _check(cfg: DictConfig) -> None:
             raise ArgumentError(f"pf_ode.{key}", v, "must be a positive number")
     if cfg.vlb.enabled not in ("auto", True, False):
         raise ArgumentError("vlb.enabled", cfg.vlb.enabled, "must be auto, true or false")
-    bad = [v for v in cfg.vlb.variances if v not in ("small", "large")]
-    if bad or not len(cfg.vlb.variances):
+    vs = cfg.vlb.variances
+    if vs != "auto" and (isinstance(vs, str) or not len(vs) or any(v not in VARIANCE_CHOICES for v in vs)):
         raise ArgumentError(
-            "vlb.variances", list(cfg.vlb.variances), "must be a non-empty list of small, large"
+            "vlb.variances",
+            vs if isinstance(vs, str) else list(vs),
+            f"must be auto or a non-empty list of {', '.join(VARIANCE_CHOICES)}",
         )
+    if cfg.vlb.steps is not None and (
+        isinstance(cfg.vlb.steps, bool) or not isinstance(cfg.vlb.steps, int) or cfg.vlb.steps < 1
+    ):
+        raise ArgumentError("vlb.steps", cfg.vlb.steps, "must be null (every grid time) or an integer >= 1")
+    an = cfg.vlb.analytic
+    if isinstance(an.n, bool) or not isinstance(an.n, int) or an.n < 2:
+        raise ArgumentError("vlb.analytic.n", an.n, "must be an integer >= 2")
+    if an.estimator not in ("x0_error", "eps_norm"):
+        raise ArgumentError("vlb.analytic.estimator", an.estimator, "must be x0_error or eps_norm")
     if cfg.vlb.n_t is not None and (
         isinstance(cfg.vlb.n_t, bool) or not isinstance(cfg.vlb.n_t, int) or cfg.vlb.n_t < 1
     ):
@@ -110,6 +133,25 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
     methods: dict[str, dict[str, Any]] = {}
+    variances, analytic = [], None
+    if do_vlb:
+        learns = bool(getattr(model, "learn_variance", False))
+        if cfg.vlb.variances == "auto":
+            variances = ["small", "large", *(["learned"] if learns else []), "analytic"]
+        else:
+            variances = list(dict.fromkeys(cfg.vlb.variances))
+            if "learned" in variances and not learns:
+                raise ArgumentError(
+                    "vlb.variances",
+                    list(cfg.vlb.variances),
+                    "needs a model that learns its variance (model.learn_variance)",
+                )
+        if cfg.vlb.steps is not None and cfg.vlb.steps > src.sde.schedule.timesteps.numel():
+            raise ArgumentError(
+                "vlb.steps", cfg.vlb.steps, f"must be at most the grid's {src.sde.schedule.timesteps.numel()}"
+            )
+        if "analytic" in variances:
+            analytic = _analytic_variance(cfg, src, model, x, eight_bit, seed, device, log)
 
     def record(name: str, values: torch.Tensor, nfe: int, seconds: float, extra=None) -> None:
         m = methods.setdefault(name, {"values": [], "nfe": 0, "seconds": 0.0, "extra": []})
@@ -126,7 +168,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
 
         bar = tqdm(total=len(x), desc=PROG, unit="item")
     pf_name = f"PF-ODE ({trace} trace{'' if trace == 'exact' else f', {pf.probes} probes'})"
-    for xb in batches:
+    for b, xb in enumerate(batches):
         xb = xb.to(device)
         t = time.perf_counter()
         kw = dict(trace=trace, probes=pf.probes, rtol=pf.rtol, atol=pf.atol, t_eps=pf.t_eps, generator=g)
@@ -136,18 +178,27 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         else:
             r = log_likelihood(model, src.sde, xb, **kw)
             record(pf_name, -r.logp, r.nfe, time.perf_counter() - t)
-        if do_vlb:
-            for variance in cfg.vlb.variances:
-                t = time.perf_counter()
-                decoder = "discretized" if eight_bit else "gaussian"
-                v = discrete_vlb(
-                    model, src.sde, xb, variance=variance, decoder=decoder, n_t=cfg.vlb.n_t, generator=g
-                )
-                values = v.total if eight_bit else v.nats
-                scale = 1.0 if eight_bit else D * math.log(2.0)  # the per-term breakdown in the row's unit
-                terms = None if v.L_t is None else (v.L_t.detach().double().cpu() * scale)
-                n_evals = src.sde.schedule.timesteps.numel() if cfg.vlb.n_t is None else cfg.vlb.n_t + 1
-                record(f"discrete VLB ({variance} variance)", values, n_evals, time.perf_counter() - t, terms)
+        for variance in variances:
+            t = time.perf_counter()
+            decoder = "discretized" if eight_bit else "gaussian"
+            v = discrete_vlb(
+                model,
+                src.sde,
+                xb,
+                variance=analytic if variance == "analytic" else variance,
+                decoder=decoder,
+                steps=cfg.vlb.steps,
+                n_t=cfg.vlb.n_t,
+                # the same draws for every variance: the rows differ by the variance, not by noise
+                generator=torch.Generator(device=device).manual_seed(seed + 7919 * (b + 1)),
+            )
+            values = v.total if eight_bit else v.nats
+            scale = 1.0 if eight_bit else D * math.log(2.0)  # the per-term breakdown in the row's unit
+            terms = None if v.L_t is None else (v.L_t.detach().double().cpu() * scale)
+            k = cfg.vlb.steps or src.sde.schedule.timesteps.numel()
+            n_evals = k if cfg.vlb.n_t is None else cfg.vlb.n_t + 1
+            name = f"discrete VLB ({variance} variance{'' if cfg.vlb.steps is None else f', {k} steps'})"
+            record(name, values, n_evals, time.perf_counter() - t, terms)
         if cfg.elbo.enabled:
             t = time.perf_counter()
             e = continuous_elbo(
@@ -209,6 +260,15 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         "sde": repr(src.sde),
         "rows": rows,
         "vlb_terms_over_t": vlb_terms,
+        "analytic_variance": None
+        if analytic is None
+        else {
+            "estimator": analytic.estimator,
+            "items": analytic.n,
+            "evaluations": analytic.evaluations,
+            "seconds": round(analytic.seconds, 3),
+            "data": analytic.source,
+        },
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     (out / "likelihood.json").write_text(json.dumps(report, indent=1))
@@ -221,12 +281,58 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     }
 
 
+def _analytic_variance(cfg, src, model, x, eight_bit, seed, device, log):
+    """Analytic-DPM's moments for this model on the SDE's grid (or the ``vlb.steps`` subsequence), from
+    the run's training data when it recorded them, else the oracle's samples, else the evaluation data."""
+    from ..timegrids import get_times
+    from ..variance import analytic_variance
+
+    n = cfg.vlb.analytic.n
+    if src.oracle is not None:
+        data = src.oracle.sample(n, generator=torch.Generator().manual_seed(seed + 1)).float()
+        where = "oracle"
+    elif (src.run_cfg or {}).get("data"):
+        from ..checkpoint import check_targets
+        from ..data import as_tensor
+
+        check_targets(src.run_cfg["data"], "data", src.meta.get("path", "the checkpoint"))
+        data = as_tensor(instantiate_at(OmegaConf.create(src.run_cfg["data"]), "data"))
+        if tuple(data.shape[1:]) != src.item_shape:
+            raise ArgumentError("data", "the run's training data", f"must have item shape {src.item_shape}")
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1))[:n]
+        data, where = data[perm], "the run's training data"
+    else:
+        data, where = x, "the evaluation data"
+    sde = src.sde
+    steps = cfg.vlb.steps
+    times = None if steps is None else get_times(sde, steps, grid="trailing", t_min=0.0)[:-1]
+    av = analytic_variance(
+        model,
+        sde,
+        data.float().to(device),
+        times=times,
+        n=n,
+        batch_size=max(cfg.batch_size, 1024),
+        estimator=cfg.vlb.analytic.estimator,
+        data_range=(-1.0, 1.0) if eight_bit else None,
+        generator=torch.Generator(device=device).manual_seed(seed + 2),
+        progress=bool(cfg.progress),
+    )
+    av.source = where
+    log(
+        f"{PROG}: analytic variance ({av.estimator}) from {av.n} items of {where}: "
+        f"{av.evaluations:,} evaluations in {av.seconds:.1f} s"
+    )
+    return av
+
+
 def _table(rows) -> str:
-    head = f"{'method':<40} {'value':>10} {'stderr':>9} {'unit':>12} {'NFE':>6} {'seconds':>8}"
+    w = max([40, *(len(r["method"]) for r in rows)])
+    head = f"{'method':<{w}} {'value':>10} {'stderr':>9} {'unit':>12} {'NFE':>6} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         v, se = f"{r['value']:>10.4f}", f"{r['stderr']:>9.4f}"
-        lines.append(f"{r['method']:<40} {v} {se} {r['unit']:>12} {r['nfe']:>6} {r['seconds']:>8.2f}")
+        lines.append(f"{r['method']:<{w}} {v} {se} {r['unit']:>12} {r['nfe']:>6} {r['seconds']:>8.2f}")
     return "\n".join(lines)
 
 

@@ -75,7 +75,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     check_out_dir(cfg)
     src = load_source(cfg, sde_from_config=sde_from_config)
     sampler = instantiate_at(cfg.sampler, "sampler")
-    check_sampler(sampler, src.sde, src.item_shape)
+    check_sampler(sampler, src.sde, src.item_shape, bool(getattr(src.model, "learn_variance", False)))
 
     # -- sample ---------------------------------------------------------------------------------------
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
+from ..models import Model
 from ..sde import SDE
 from ..timegrids import GRIDS, get_times
 from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
@@ -290,16 +291,18 @@ class Sampler:
         """The grid steps it takes: ``steps``, or the sampler's own default."""
         return self.spec.steps if self.steps is None else int(self.steps)
 
-    def check(self, sde: SDE, shape) -> None:
+    def check(self, sde: SDE, shape, learn_variance: bool = False) -> None:
         """Raise what a real run on ``sde`` would raise (grid, ``t_min``, ``steps``, the sampler's own
         options), by running it once with a null network on a zero state of ``shape`` (one item is
-        enough): every check :func:`sample` and the sampler make, and nothing else, before real work."""
+        enough): every check :func:`sample` and the sampler make, and nothing else, before real work.
+        ``learn_variance``: the real model also outputs a variance (``variance="learned"`` is then valid)."""
 
         def null_net(x: Tensor, t: Tensor) -> Tensor:
-            return torch.zeros_like(x)
+            return torch.zeros((x.shape[0], x.shape[1] * (2 if learn_variance else 1), *x.shape[2:]))
 
+        model = Model(null_net, "eps", learn_variance=learn_variance)
         with torch.no_grad():
-            self(null_net, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
+            self(model, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
 
     def __call__(self, model, sde: SDE, *, shape=None, x_T=None, generator=None, **kwargs):
         """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``;
