@@ -37,9 +37,9 @@ STEPS = (10, 25, 100, 1000)
 LN2 = math.log(2.0)
 
 
-def train(sde, data, dim, hybrid: bool, steps: int, batch: int, hidden: int, dequantize: bool, seed=0):
-    torch.manual_seed(seed)
-    net = sd.nets.MLP(dim, hidden=hidden, depth=3, emb_dim=128, learn_variance=hybrid)
+def train(sde, data, dim, hybrid: bool, steps: int, batch: int, hidden: int, dequantize: bool, **net_kw):
+    torch.manual_seed(0)
+    net = sd.nets.MLP(dim, hidden=hidden, depth=3, emb_dim=128, learn_variance=hybrid, **net_kw)
     model = sd.Model(net, "eps", learn_variance=hybrid)
     loss = HybridLoss(sde) if hybrid else DiffusionLoss(sde)
     t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def train(sde, data, dim, hybrid: bool, steps: int, batch: int, hidden: int, deq
     return res.eval_model.eval(), time.perf_counter() - t0
 
 
-def vlb_table(name, sde, models, train_x, test_x, eight_bit: bool, n_moments: int):
+def vlb_table(name, sde, models, moment_x, test_x, eight_bit: bool, n_moments: int):
     """rows (model, variance, steps) -> per-dim value (bits/dim for 8-bit, nats/dim otherwise)."""
     D = test_x[0].numel()
     decoder = "discretized" if eight_bit else "gaussian"
@@ -74,11 +74,12 @@ def vlb_table(name, sde, models, train_x, test_x, eight_bit: bool, n_moments: in
                 av = sd.analytic_variance(
                     model,
                     sde,
-                    train_x,
+                    moment_x,
                     times=grid,
                     n=n_moments,
                     estimator=est,
                     data_range=(-1.0, 1.0) if eight_bit else None,
+                    decoder="discretized" if eight_bit else "gaussian",
                     generator=torch.Generator().manual_seed(K),
                 )
                 variances[f"analytic ({est})"] = av
@@ -234,18 +235,21 @@ def main() -> None:
     print("\n".join(lines))
     # -- digits ------------------------------------------------------------------------------------------
     dig_train = sd.data.as_tensor(sd.data.digits("train")).reshape(-1, 64)
+    dig_val = sd.data.as_tensor(sd.data.digits("val")).reshape(-1, 64)
     dig_test = sd.data.as_tensor(sd.data.digits("test")).reshape(-1, 64)
     if q:
         dig_test = dig_test[:64]
-    steps = 300 if q else 6000
+    steps = 300 if q else 8000
     dmodels, dtrain_s = {}, {}
     data = sd.data.ArrayDataset(dig_train)
+    net_kw = dict(dropout=0.2, time_input="log_snr", schedule=sde.schedule)  # the digits experiment's
     for label, hybrid in (("L_simple", False), ("L_hybrid", True)):
-        dmodels[label], dtrain_s[label] = train(sde, data, 64, hybrid, steps, 128, 256, True)
-    out, costs, unit = vlb_table(
-        "digits", sde, dmodels, dig_train, dig_test, True, 200 if q else len(dig_train)
-    )
-    dl = format_vlb(f"8x8 digits (flattened), {steps} training steps", out, costs, unit, dmodels, dtrain_s)
+        dmodels[label], dtrain_s[label] = train(sde, data, 64, hybrid, steps, 128, 256, True, **net_kw)
+    # 1397 training images: a net fits them better than new ones, so the moments come from the held-out
+    # validation split (200 images); the test split is scored
+    out, costs, unit = vlb_table("digits", sde, dmodels, dig_val, dig_test, True, len(dig_val))
+    title = f"8x8 digits (flattened), {steps} training steps; analytic moments from the validation split"
+    dl = format_vlb(title, out, costs, unit, dmodels, dtrain_s)
     print("\n".join(dl))
     lines += dl
     if args.write:

@@ -30,6 +30,7 @@ for analytic, on ``Gamma`` at the step's start).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class AnalyticVariance:
             ``calls`` batched calls; ``seconds``: wall time of the estimate.
         data_bound: ``(hi - lo) / 2`` of the data's range, or None (no range bound).
         source: where the data came from (free text, for reports).
+        decoder_fit: ``(t1, variance)``: for 8-bit data, the discretized decoder's variance at the first
+            grid time that minimises its negative log-likelihood on the moment data (see
+            :func:`analytic_variance`'s ``decoder``), used instead of ``c_0^2 m_{t1}``.
     """
 
     times: Tensor
@@ -85,6 +89,7 @@ class AnalyticVariance:
     seconds: float = 0.0
     data_bound: float | None = None
     source: str = ""
+    decoder_fit: tuple[float, float] | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -131,7 +136,10 @@ class AnalyticVariance:
         return var_small + c_0**2 * self.error_moment(sde, t)
 
     def decoder_variance(self, sde: SDE, t1: float) -> float:
-        """The variance of the decoder ``p(x_0 | x_{t1})``: ``c_0^2 m_{t1}``, floored."""
+        """The variance of the decoder ``p(x_0 | x_{t1})``: ``c_0^2 m_{t1}``, floored; or the fitted
+        discretized decoder's (:attr:`decoder_fit`) when it was fitted at ``t1``."""
+        if self.decoder_fit is not None and round(float(t1), 12) == round(self.decoder_fit[0], 12):
+            return self.decoder_fit[1]
         t = torch.tensor(t1, dtype=torch.float64)
         _, c_0, _ = sde.posterior_coefficients(torch.zeros((), dtype=torch.float64), t)
         upper = float(torch.exp(-sde.schedule.log_snr(t)))
@@ -178,6 +186,7 @@ def analytic_variance(
     batch_size: int = 1000,
     estimator: str = "x0_error",
     data_range: tuple[float, float] | None = None,
+    decoder: str = "gaussian",
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> AnalyticVariance:
@@ -198,6 +207,11 @@ def analytic_variance(
             For a subsequence sampler or bound, its own grid times suffice.
         estimator: ``"x0_error"`` or ``"eps_norm"`` (see the module docstring).
         data_range: ``(lo, hi)`` of the data (e.g. ``(-1, 1)`` for images): bounds the x0 error.
+        decoder: ``"gaussian"`` (the decoder variance is ``c_0^2 m_{t1}``, optimal for a Gaussian
+            density) or ``"discretized"`` (8-bit data in ``data_range``): the Gaussian optimum is not the
+            discretized decoder's — its edge bins reach to infinity — so its variance at the first time is
+            chosen among 61 log-spaced candidates by the decoder's own mean negative log-likelihood on
+            the same data and draws (no extra model evaluations).
         generator: for the noise draws.
         progress: a tqdm bar over the model calls.
 
@@ -217,6 +231,10 @@ def analytic_variance(
         raise ArgumentError("n", n, "must be an integer >= 2", "analytic_variance")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ArgumentError("batch_size", batch_size, "must be a positive integer", "analytic_variance")
+    if decoder not in ("gaussian", "discretized"):
+        raise ArgumentError("decoder", decoder, "must be 'gaussian' or 'discretized'", "analytic_variance")
+    if decoder == "discretized" and data_range is None:
+        data_range = (-1.0, 1.0)
     if estimator not in ("x0_error", "eps_norm"):
         raise ArgumentError("estimator", estimator, "must be 'x0_error' or 'eps_norm'", "analytic_variance")
     bound = None
@@ -246,6 +264,7 @@ def analytic_variance(
         bar = tqdm(total=total, desc="analytic variance", unit="eval", leave=False)
     t0 = time.perf_counter()
     calls = 0
+    first_rows = []  # (x0, x0_hat) at the first time, for the discretized decoder's fit
     with torch.no_grad():
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
@@ -257,11 +276,15 @@ def analytic_variance(
             xb = x0[xi.to(dev)]
             eps = torch.randn(xb.shape, generator=generator, dtype=xb.dtype, device="cpu").to(dev)
             xt = alpha.to(dev, xb.dtype).view(shape) * xb + sigma.to(dev, xb.dtype).view(shape) * eps
+            need_x0 = estimator == "x0_error" or (decoder == "discretized" and bool((ti == 0).any()))
+            x0_hat = m.x0(xt, t.to(dev), sde).to(torch.float64) if need_x0 else None
             if estimator == "eps_norm":
                 sq = m.eps(xt, t.to(dev), sde).to(torch.float64).flatten(1).pow(2).sum(1).cpu()
             else:
-                err = xb.to(torch.float64) - m.x0(xt, t.to(dev), sde).to(torch.float64)
-                sq = err.flatten(1).pow(2).sum(1).cpu()
+                sq = (xb.to(torch.float64) - x0_hat).flatten(1).pow(2).sum(1).cpu()
+            if decoder == "discretized" and bool((ti == 0).any()):
+                sel = (ti == 0).to(dev)
+                first_rows.append((xb[sel].to(torch.float64), x0_hat[sel]))
             sums.index_add_(0, ti, sq)
             calls += 1
             if bar is not None:
@@ -279,8 +302,33 @@ def analytic_variance(
         data_bound=bound,
     )
     if estimator == "eps_norm":
-        return AnalyticVariance.from_gamma(sde, times, mean, **kw)
-    return AnalyticVariance(times, mean, estimator="x0_error", **kw)
+        av = AnalyticVariance.from_gamma(sde, times, mean, **kw)
+    else:
+        av = AnalyticVariance(times, mean, estimator="x0_error", **kw)
+    if decoder == "discretized":
+        x0s = torch.cat([a for a, _ in first_rows])
+        x0h = torch.cat([b for _, b in first_rows])
+        av.decoder_fit = (float(times[0]), _fit_discretized(sde, av, float(times[0]), x0s, x0h, data_range))
+    return av
+
+
+def _fit_discretized(sde, av, t1, x0, x0_hat, data_range) -> float:
+    """The decoder variance at ``t1`` that minimises the discretized decoder's mean NLL of ``x0`` given
+    the model's ``x0_hat`` (61 log-spaced candidates from the floor to the upper bound)."""
+    from .gaussians import discretized_gaussian_log_prob
+
+    lo, hi = (float(v) for v in data_range)
+    t = torch.tensor(t1, dtype=torch.float64)
+    upper = min(float(torch.exp(-sde.schedule.log_snr(t))), ((hi - lo) / 2.0) ** 2)
+    _, c_0, _ = sde.posterior_coefficients(torch.zeros((), dtype=torch.float64), t)
+    cands = float(c_0**2) * torch.logspace(math.log10(DECODER_FLOOR * upper), math.log10(upper), 61)
+    half = (hi - lo) / 510.0
+    best, best_nll = float(cands[-1]), math.inf
+    for v in cands.tolist():
+        nll = -discretized_gaussian_log_prob(x0, x0_hat, torch.tensor(math.sqrt(v)), half, lo, hi).mean()
+        if float(nll) < best_nll:
+            best, best_nll = v, float(nll)
+    return best
 
 
 def check_variance(variance, allowed=("small", "large", "learned", "analytic"), owner: str | None = None):

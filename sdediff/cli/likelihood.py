@@ -315,6 +315,7 @@ def _analytic_variance(cfg, src, model, x, eight_bit, seed, device, log):
         batch_size=max(cfg.batch_size, 1024),
         estimator=cfg.vlb.analytic.estimator,
         data_range=(-1.0, 1.0) if eight_bit else None,
+        decoder="discretized" if eight_bit else "gaussian",
         generator=torch.Generator(device=device).manual_seed(seed + 2),
         progress=bool(cfg.progress),
     )
