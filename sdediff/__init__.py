@@ -10,6 +10,7 @@ One import gives the public API::
 from . import data, errors, losses, nets, oracle, timegrids, variance
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
+from .interop import from_diffusers
 from .likelihood import (
     bits_per_dim,
     continuous_elbo,
@@ -19,7 +20,7 @@ from .likelihood import (
     nats_to_bits_per_dim,
 )
 from .losses import DiffusionLoss, VLBLoss
-from .models import PREDICTIONS, Model, as_model, convert
+from .models import PREDICTIONS, ClippedModel, Model, as_model, convert
 from .nets import MLP, UNet
 from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
@@ -51,6 +52,7 @@ __all__ = [
     "DiscreteVP",
     "LinearVP",
     "Model",
+    "ClippedModel",
     "SampleInfo",
     "Sampler",
     "Schedule",
@@ -64,6 +66,7 @@ __all__ = [
     "data",
     "discrete_vlb",
     "errors",
+    "from_diffusers",
     "get_times",
     "likelihood_report",
     "log_likelihood",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .parameterization import PREDICTIONS, check_kind, convert
 from .sde import SDE, append_dims, coef_dtype
 
-__all__ = ["Model", "as_model", "convert", "raw_net", "PREDICTIONS"]
+__all__ = ["Model", "ClippedModel", "as_model", "convert", "raw_net", "PREDICTIONS"]
 
 
 class Model(nn.Module):
@@ -99,17 +99,7 @@ class Model(nn.Module):
         return self._convert(self._call_net(x, _batch_times(t, x)), x, t, sde, kind)
 
     def _convert(self, out: Tensor, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
-        if kind == self.prediction:
-            return out
-        # coefficients from the times as given (float64 grids stay exact), not the net's cast copy
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        alpha, sigma = sde.marginal(t)
-        dt = coef_dtype(x)
-        alpha = append_dims(alpha.to(x.device, dt), x.ndim)
-        sigma = append_dims(sigma.to(x.device, dt), x.ndim)
-        return convert(out, x, alpha, sigma, self.prediction, kind)
+        return _to_kind(out, self.prediction, x, t, sde, kind)
 
     def eps(self, x: Tensor, t, sde: SDE) -> Tensor:
         return self.predict(x, t, sde, "eps")
@@ -122,6 +112,21 @@ class Model(nn.Module):
 
     def v(self, x: Tensor, t, sde: SDE) -> Tensor:
         return self.predict(x, t, sde, "v")
+
+
+def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
+    """``out`` (a prediction of kind ``source`` at ``(x, t)``) as kind ``kind``."""
+    if kind == source:
+        return out
+    # coefficients from the times as given (float64 grids stay exact), not the net's cast copy
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    alpha, sigma = sde.marginal(t)
+    dt = coef_dtype(x)
+    alpha = append_dims(alpha.to(x.device, dt), x.ndim)
+    sigma = append_dims(sigma.to(x.device, dt), x.ndim)
+    return convert(out, x, alpha, sigma, source, kind)
 
 
 def _batch_times(t, x: Tensor) -> Tensor:
@@ -163,6 +168,73 @@ class _Wrapped(Model):
         if self.learn_variance:
             return self.net(x, t, with_v=True)
         return self.net(x, t), None
+
+
+class ClippedModel(Model):
+    """A model whose x0 estimate is clipped (or dynamically thresholded) before anything uses it.
+
+    Every prediction kind is then derived from the clipped ``x0`` through the parameterisation table,
+    so the model stays self-consistent: an ancestral step's posterior mean uses the clipped x0 exactly as
+    diffusers' ``DDPMScheduler`` does (``clip_sample`` / ``thresholding``), and DDIM with eta = 0 equals
+    diffusers' ``DDIMScheduler`` with ``use_clipped_model_output=True`` (that scheduler's default pairs
+    the clipped x0 with the *unclipped* eps, which no single model -- and no ODE -- can express).
+
+    Args:
+        model: the :class:`Model` to clip (kept, not copied).
+        sde: the SDE whose (alpha, sigma) relate the kinds (needed by :meth:`forward`, which has no sde).
+        clip_range: clamp x0 to ``[-clip_range, clip_range]`` (diffusers' ``clip_sample_range``).
+        thresholding: ``None`` or ``(ratio, max_value)``: Imagen's dynamic thresholding as diffusers
+            implements it -- per sample, ``s`` = the ``ratio`` quantile of ``|x0|`` clamped to
+            ``[1, max_value]``, then ``x0 = clamp(x0, -s, s) / s``; it replaces ``clip_range``.
+    """
+
+    def __init__(self, model: Model, sde: SDE, clip_range: float = 1.0, thresholding=None):
+        model = as_model(model)
+        nn.Module.__init__(self)  # not Model.__init__: the inner model is the net, called through predict
+        self.inner = model
+        self.prediction = model.prediction
+        self.learn_variance = model.learn_variance
+        self.sde = sde
+        if thresholding is not None:
+            ratio, max_value = (float(v) for v in thresholding)
+            if not (0.0 < ratio <= 1.0 and max_value >= 1.0):
+                raise ValueError(
+                    f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got ({ratio}, {max_value})"
+                )
+            self.thresholding = (ratio, max_value)
+            self.clip_range = None
+        else:
+            clip_range = float(clip_range)
+            if not clip_range > 0.0:
+                raise ValueError(f"clip_range must be > 0, got {clip_range}")
+            self.thresholding, self.clip_range = None, clip_range
+
+    def extra_repr(self) -> str:
+        how = f"thresholding={self.thresholding}" if self.thresholding else f"clip_range={self.clip_range}"
+        return f"prediction={self.prediction!r}, {how}"
+
+    def clip(self, x0: Tensor) -> Tensor:
+        """The clipped (or thresholded) ``x0``."""
+        if self.thresholding is None:
+            return x0.clamp(-self.clip_range, self.clip_range)
+        ratio, max_value = self.thresholding
+        flat = x0.flatten(1)
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        s = torch.quantile(work.abs(), ratio, dim=1).clamp(1.0, max_value).unsqueeze(1)
+        return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).view_as(x0)
+
+    def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
+        check_kind(kind, "kind")
+        x0, v = self.inner.predict_with_v(x, t, sde, "x0")
+        return _to_kind(self.clip(x0), "x0", x, t, sde, kind), v
+
+    def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
+        check_kind(kind, "kind")
+        return _to_kind(self.clip(self.inner.predict(x, t, sde, "x0")), "x0", x, t, sde, kind)
+
+    def forward(self, x: Tensor, t, with_v: bool = False):
+        out, v = self.predict_with_v(x, t, self.sde, self.prediction)
+        return (out, v) if with_v else out
 
 
 def raw_net(model: Model):

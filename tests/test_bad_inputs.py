@@ -242,7 +242,11 @@ CASES = [
     ),
     ("train", "sde=unknown", rf"sde=unknown: no such sde config; choose one of {CHOICES['sde']}"),
     ("train", "model=nope", r"model=nope: no such model config; choose one of mlp, unet, unet_small"),
-    ("train", "loss=nope", r"loss=nope: no such loss config; choose one of edm, elbo, hybrid, sigmoid, simple, vlb"),
+    (
+        "train",
+        "loss=nope",
+        r"loss=nope: no such loss config; choose one of edm, elbo, hybrid, sigmoid, simple, vlb",
+    ),
     (
         "train",
         "data=nope",
@@ -489,12 +493,12 @@ CASES = [
     (
         "sample",
         "sampler=dpm_solver",
-        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
+        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian or diffusers=<pipeline folder> instead \(exactly one of the three\)",
     ),
     (
         "sample",
         f"ckpt={R}/run oracle=gmm2d",
-        r"ckpt=.*/run: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
+        r"ckpt=.*/run: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian or diffusers=<pipeline folder> instead \(exactly one of the three\)",
     ),
     ("sample", "oracle=nope", r"oracle=nope: no such oracle config; choose one of gaussian, gmm2d"),
     ("sample", "oracle=gmm2d oracle.var=-1", r"oracle\.var=-1: must be positive \(and so must radius\)"),
@@ -596,7 +600,7 @@ CASES = [
     (
         "likelihood",
         "n=10",
-        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian instead \(not both\)",
+        r"ckpt=null: must name a trained run \(ckpt=<run dir>\), or pass oracle=gmm2d\|gaussian or diffusers=<pipeline folder> instead \(exactly one of the three\)",
     ),
     (
         "likelihood",

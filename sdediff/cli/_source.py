@@ -3,7 +3,9 @@
 ``ckpt=<run dir or checkpoint>`` rebuilds the run's model and SDE from the checkpoint (verified, and only
 through the allow-list of :func:`sdediff.checkpoint.check_targets`), with the EMA or raw weights; the
 SDE is the run's unless ``sde=...`` is on the command line. ``oracle=gmm2d|gaussian`` is exact ground truth
-(:mod:`sdediff.oracle`): its exact eps-predictor under the ``sde`` group's SDE.
+(:mod:`sdediff.oracle`): its exact eps-predictor under the ``sde`` group's SDE. ``diffusers=<folder>`` is a
+local diffusers DDPM pipeline (:func:`sdediff.interop.from_diffusers`): its U-Net and the DiscreteVP of its
+scheduler's betas.
 
 The evaluation data is ``data=...`` when given, else the run's own test split (``eval.test_data`` of its
 stored config, rebuilt through the same allow-list), else fresh samples of the oracle.
@@ -73,16 +75,20 @@ def _item_shape(meta: dict, path) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def load_source(cfg: DictConfig, *, sde_from_config: bool) -> Source:
-    """The model (and SDE) that ``cfg`` names with ``ckpt=`` or ``oracle=``; everything checked before
-    the weights are loaded."""
-    ckpt, oracle = cfg.get("ckpt"), cfg.get("oracle")
-    if (ckpt is None) == (oracle is None):
+def load_source(cfg: DictConfig, *, sde_from_config: bool, clip: bool | None = None) -> Source:
+    """The model (and SDE) that ``cfg`` names with ``ckpt=``, ``oracle=`` or ``diffusers=``; everything
+    checked before the weights are loaded. ``clip`` is passed to :func:`~sdediff.interop.from_diffusers`
+    (None: as the diffusers scheduler says)."""
+    ckpt, oracle, folder = cfg.get("ckpt"), cfg.get("oracle"), cfg.get("diffusers")
+    if sum(v is not None for v in (ckpt, oracle, folder)) != 1:
         raise ArgumentError(
             "ckpt",
             ckpt,
-            "must name a trained run (ckpt=<run dir>), or pass oracle=gmm2d|gaussian instead (not both)",
+            "must name a trained run (ckpt=<run dir>), or pass oracle=gmm2d|gaussian or "
+            "diffusers=<pipeline folder> instead (exactly one of the three)",
         )
+    if folder is not None:
+        return _diffusers_source(str(folder), sde_from_config, clip)
     if oracle is not None:
         gm = instantiate_at(oracle, "oracle")
         sde = instantiate_at(cfg.sde, "sde")
@@ -106,6 +112,24 @@ def load_source(cfg: DictConfig, *, sde_from_config: bool) -> Source:
     sde = instantiate_at(cfg.sde, "sde") if sde_from_config else objs["sde"]
     label = f"{meta.get('config', {}).get('name') or 'run'} step {meta['step']} ({which})"
     return Source(model.eval(), sde, shape, label, meta=meta, run_cfg=meta.get("config"))
+
+
+def _diffusers_source(folder: str, sde_from_config: bool, clip: bool | None) -> Source:
+    from ..interop import DiffusersError, from_diffusers
+
+    if sde_from_config:
+        raise ArgumentError(
+            "sde", "(given)", "comes from the diffusers scheduler's betas; drop sde=... with diffusers="
+        )
+    try:
+        model, sde = from_diffusers(folder, clip=clip)
+    except DiffusersError as e:
+        raise ArgumentError("diffusers", folder, str(e)) from None
+    info = model.diffusers
+    label = f"diffusers {info['scheduler']} N={info['N']} {info['prediction_type']}"
+    if info["clip"]:
+        label += f", {info['clip']}"
+    return Source(model.eval(), sde, info["item_shape"], label, meta={"diffusers": info})
 
 
 def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int) -> tuple[torch.Tensor, str]:

@@ -114,7 +114,15 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     seed = check_seed(cfg.seed)
     device = resolve_device(cfg.device, 0, "device")
     check_out_dir(cfg)
-    src = load_source(cfg, sde_from_config=sde_from_config)
+    # a diffusers model is scored without its scheduler's x0 clipping: clipping is not part of its density
+    src = load_source(cfg, sde_from_config=sde_from_config, clip=False)
+    info = src.meta.get("diffusers")
+    if info:  # the network knows no time before its first training step: start the ODE and ELBO there
+        from .sample import _overridden
+
+        for key in ("pf_ode", "elbo"):
+            if not _overridden(f"{key}.t_eps"):
+                cfg[key].t_eps = 1.0 / info["N"]
     x, where = evaluation_data(cfg, src, cfg.n, seed)
     if not x.is_floating_point() or not bool(torch.isfinite(x.float()).all()):
         raise ArgumentError("data", where, "must hold finite floating-point values")

@@ -42,15 +42,24 @@ from .train import _check_finite_samples
 PROG = "sdediff-sample"
 
 
-def _sde_overridden() -> bool:
-    """Whether ``sde=...`` / ``sde.x=...`` was given on the command line."""
+def _overridden(key: str) -> bool:
+    """Whether ``key=...`` (or a key below it, ``key.x=...``) was given on the command line."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         task = HydraConfig.get().overrides.task
     except ValueError:  # composed without hydra's runtime (tests)
         return False
-    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "sde" for o in task)
+    for o in task:
+        name = o.lstrip("+~").split("=", 1)[0]
+        if name == key or name.startswith(key + "."):
+            return True
+    return False
+
+
+def _sde_overridden() -> bool:
+    """Whether ``sde=...`` / ``sde.x=...`` was given on the command line."""
+    return _overridden("sde")
 
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
@@ -74,6 +83,10 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     device = resolve_device(cfg.device, 0, "device")
     check_out_dir(cfg)
     src = load_source(cfg, sde_from_config=sde_from_config)
+    info = src.meta.get("diffusers")
+    if info and cfg.sampler.get("name") == "ancestral" and not _overridden("sampler.options.variance"):
+        # sample the way the diffusers scheduler would (its variance_type), unless told otherwise
+        cfg.sampler.options.variance = info["variance"]
     sampler = instantiate_at(cfg.sampler, "sampler")
     check_sampler(sampler, src.sde, src.item_shape, bool(getattr(src.model, "learn_variance", False)))
 
@@ -108,7 +121,9 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     _check_finite_samples(samples, sampler.label, "nothing was written")
     out = output_dir(cfg)
     sde_name = type(src.sde.schedule).__name__
-    what = f"{sampler.label}, {sampler.n_steps} steps, {nfe} NFE, {sde_name}"
+    variance = sampler.options.get("variance")
+    what = f"{sampler.label}{f' ({variance} variance)' if isinstance(variance, str) else ''}, "
+    what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}"
     paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
     if traj:
         traj.append(samples[:32])
