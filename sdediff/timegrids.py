@@ -32,8 +32,8 @@ Grids (``GRIDS``):
     not offered.
 ``"dpm"``
     the grid :func:`sdediff.dpm_solver.dpm_solver` is tuned for (see :func:`dpm_times`): in log-SNR,
-    a blend of a time-power grid (exponent 2.5) and the uniform log-SNR grid; with ``t_min = 0`` on a
-    VP schedule its last step goes from a knee (sigma/alpha = 0.5/steps) straight to sigma = 0.
+    an even blend of a time-power grid (exponent 2) and the uniform log-SNR grid; with ``t_min = 0`` on a
+    VP schedule its last step goes from a knee (sigma/alpha = 0.1/steps) straight to sigma = 0.
 
 All arithmetic is float64 on the CPU; pass ``device`` to get the grid elsewhere.
 """
@@ -180,15 +180,23 @@ def _power_blend(sde, steps: int, t_min: float, t_max: float, kappa: float, mix:
     return _from_lambda(sde, (1.0 - mix) * lam_p + mix * lam_u, t_min, t_max)
 
 
-def dpm_times(sde, steps: int, t_min: float, t_max: float, kappa: float = 2.5, mix: float = 0.25) -> Tensor:
-    """The grid :func:`~sdediff.dpm_solver.dpm_solver` is tuned for (``benchmarks/samplers.py``).
+def dpm_times(
+    sde, steps: int, t_min: float, t_max: float, kappa: float = 2.0, mix: float = 0.5, knee: float = 0.1
+) -> Tensor:
+    """The grid :func:`~sdediff.dpm_solver.dpm_solver` is tuned for.
 
-    In log-SNR, 75 % of the time-power grid ``t_i = t_min + (t_max - t_min)(1 - i/steps)^2.5`` and 25 % of
-    the uniform log-SNR grid. When sigma(t_min) = 0 (``t_min = 0`` on a VP schedule) the last step
-    goes from a "knee" straight to sigma = 0 (the solver extrapolates its data predictions there):
-    the first ``steps - 1`` steps end at the time where ``sigma/alpha = max(0.5/steps, sigma/alpha at
-    the schedule's default t_min)``. Tuned on DDPM's linear schedule (N = 1000) with a Gaussian and a
-    2-D Gaussian mixture; a sound default elsewhere.
+    In log-SNR, ``1 - mix`` of the time-power grid ``t_i = t_min + (t_max - t_min)(1 - i/steps)^kappa``
+    and ``mix`` of the uniform log-SNR grid. When sigma(t_min) = 0 (``t_min = 0`` on a VP schedule) the
+    last step goes from a "knee" straight to sigma = 0 (the solver extrapolates its data predictions
+    there): the first ``steps - 1`` steps end at the time where ``sigma/alpha = max(knee/steps,
+    sigma/alpha at the schedule's default t_min)``.
+
+    The constants (kappa = 2, mix = 1/2, knee = 0.1) were fitted with ``python benchmarks/few_step.py
+    --fit`` on its tuning set only (Gaussians with eigenvalues down to 1e-3 and mixtures, on DDPM linear
+    and cosine, VP and sub-VP; the worst ratio to the best reference configuration over NFE 5-50) and
+    are reported on a separate set of cases (``benchmarks/results/few_step.md``). They replace
+    (2.5, 1/4, 0.5), which had been fitted on one Gaussian whose smallest standard deviation was 0.1 and
+    placed the knee too far from the data for smaller scales.
     """
     sch = _schedule(sde)
     if float(sch.log_snr(t_min)) < math.inf:
@@ -196,7 +204,7 @@ def dpm_times(sde, steps: int, t_min: float, t_max: float, kappa: float = 2.5, m
     if steps == 1:
         return torch.tensor([t_max, t_min], dtype=torch.float64)
     s_floor = math.exp(-0.5 * float(sch.log_snr(max(sch.default_t_min, 1e-6 * sch.T))))
-    s_knee = max(0.5 / steps, s_floor)
+    s_knee = max(knee / steps, s_floor)
     t_knee = float(sch.t_from_log_snr(torch.tensor(-2.0 * math.log(s_knee), dtype=torch.float64)))
     if not t_min < t_knee < t_max:
         t_knee = t_min + 0.5 * (t_max - t_min) / steps

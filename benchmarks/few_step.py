@@ -1,0 +1,468 @@
+"""Samplers at 5-50 model evaluations: sdediff against the authors' DPM-Solver and UniPC code.
+
+    python benchmarks/few_step.py --reference-solvers DIR           # tuning and report sets (~15 min)
+    python benchmarks/few_step.py --reference-solvers DIR --quick   # fewer cases and configurations
+    python benchmarks/few_step.py --reference-solvers DIR --write   # also records results/few_step.md
+
+DIR holds ``dpm_solver_pytorch.py`` (LuChengTHU/dpm-solver) and/or ``uni_pc.py`` (wl-zhao/UniPC), both
+MIT-licensed; they are loaded from there for the comparison and never vendored. Without DIR (or with an
+empty one) only sdediff's own configurations are measured.
+
+Methodology:
+- Every sampler starts from exact draws of the marginal p_T, not N(0, I): the prior mismatch would
+  otherwise be a floor shared by every solver.
+- Gaussian cases: with the exact eps every deterministic solver is an affine map x_T -> A x_T + b,
+  measured on the zero vector and the basis vectors; the error is the exact KL(N(A m_T + b, A S_T A^T) ||
+  data). Solvers may end anywhere (sdediff at sigma = 0, the references at their t_end with or without
+  denoise_to_zero): the KL is to the data itself.
+- Mixtures and trained networks: the RMS distance of each output to a tight dopri5 solve (rtol = atol =
+  1e-9) from the same x_T, every solver ending at the same t_end (1/N on DDPM schedules, 1e-3 on
+  continuous ones), no denoising step.
+- NFE are counted calls of the model (every reference evaluation is counted by a wrapper); a
+  configuration enters a budget only with exactly that many calls.
+- The tuning set and the report set are fixed below, before any tuning. sdediff's defaults are chosen
+  on TUNE only; REPORT is what the result table shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _reference_solvers as rs  # noqa: E402
+
+import sdediff as sd  # noqa: E402
+from sdediff.oracle import GaussianMixture, random_gaussian, ring_mixture  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "few_step.md"
+NFES = (5, 6, 8, 10, 15, 20, 50)
+
+
+# -- cases -------------------------------------------------------------------------------------------
+def _mixture(d: int, k: int, seed: int, spread: float = 2.0) -> GaussianMixture:
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(k, d, generator=g, dtype=torch.float64)
+    covs = []
+    for _ in range(k):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        ev = torch.logspace(-2.5, -0.5, d, dtype=torch.float64)
+        c = q @ torch.diag(ev) @ q.T
+        covs.append(0.5 * (c + c.T))
+    return GaussianMixture(means, torch.stack(covs))
+
+
+SCHEDULES = {
+    "ddpm-linear": lambda: sd.DiscreteVP.ddpm(1000),
+    "ddpm-cosine": lambda: sd.DiscreteVP.ddpm(1000, kind="cosine"),
+    "vp-linear": lambda: sd.LinearVP(),
+    "sub-vp": lambda: sd.SubVP(),
+    "ve": lambda: sd.VE(),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    schedule: str
+    kind: str  # "gauss" (exact KL) | "rms" (RMS to a tight solve)
+    data: object = None  # a GaussianMixture (oracle) or "toy-mlp" (trained here)
+    n: int = 256  # points for RMS cases
+    model: object = None
+    sde: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def tune_cases() -> list[Case]:
+    return [
+        Case("gauss d8 eig 1e-3..1", "ddpm-linear", "gauss", random_gaussian(8, 1e-3, 1.0, seed=1)),
+        Case("gauss d32 eig 1e-2..10", "vp-linear", "gauss", random_gaussian(32, 1e-2, 10.0, seed=2)),
+        Case("gauss d16 eig 1e-3..10", "ddpm-cosine", "gauss", random_gaussian(16, 1e-3, 10.0, seed=3)),
+        Case("gauss d12 eig 1e-3..2", "sub-vp", "gauss", random_gaussian(12, 1e-3, 2.0, seed=4)),
+        Case("ring-8 2-D mixture", "ddpm-linear", "rms", ring_mixture(8, 2.0, 0.03)),
+        Case("16-D mixture, 4 comp.", "vp-linear", "rms", _mixture(16, 4, seed=5)),
+    ]
+
+
+def report_cases(quick: bool) -> list[Case]:
+    cases = [
+        Case("gauss d64 eig 1e-3..10", "ddpm-linear", "gauss", random_gaussian(64, 1e-3, 10.0, seed=10)),
+        Case("gauss d16 eig 1e-2..4", "ddpm-cosine", "gauss", random_gaussian(16, 1e-2, 4.0, seed=11)),
+        Case("gauss d24 eig 1e-3..3", "vp-linear", "gauss", random_gaussian(24, 1e-3, 3.0, seed=12)),
+        Case("gauss d8 eig 1e-3..10", "ve", "gauss", random_gaussian(8, 1e-3, 10.0, seed=13)),
+        Case("2-D mixture, 6 comp.", "ddpm-cosine", "rms", _mixture(2, 6, seed=14)),
+        Case("16-D mixture, 5 comp.", "ddpm-linear", "rms", _mixture(16, 5, seed=15)),
+        Case("trained toy-2D MLP", "vp-linear", "rms", "toy-mlp"),
+    ]
+    return cases[:3] + cases[4:5] if quick else cases
+
+
+def _trained_toy(sde):
+    torch.manual_seed(0)
+    data = sd.data.toy2d("eight_gaussians", 20000, seed=0)
+    net = sd.nets.MLP(2, hidden=128, depth=3, emb_dim=64)
+    model = sd.Model(net, "eps")
+    res = sd.train.train(
+        model,
+        sd.DiffusionLoss(sde),
+        data,
+        steps=3000,
+        batch_size=512,
+        lr=2e-3,
+        warmup=100,
+        lr_decay="cosine",
+        progress=False,
+        tensorboard=False,
+    )
+    m = res.eval_model.eval().double()
+    return m
+
+
+def prepare(case: Case) -> Case:
+    sch = SCHEDULES[case.schedule]()
+    case.sde = sd.SDE(sch)
+    if case.data == "toy-mlp":
+        case.model = _trained_toy(case.sde)
+        D = 2
+    else:
+        case.model = case.data.model(case.sde)
+        D = case.data.D
+    discrete = sch.timesteps is not None
+    case.extra["t_end"] = 1.0 / sch.N if discrete else float(sch.default_t_min)
+    g = torch.Generator().manual_seed(123)
+    if case.kind == "gauss":
+        case.extra["x"] = torch.cat([torch.zeros(1, D), torch.eye(D)]).double()
+    else:
+        if case.data == "toy-mlp":  # p_T of the data is N(alpha_T mu, ...) ~ the prior; use data noised
+            x0 = sd.data.toy2d("eight_gaussians", case.n, seed=7).double()
+            a, s = (float(v) for v in case.sde.marginal(case.sde.T))
+            case.extra["x"] = a * x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        else:
+            case.extra["x"] = case.data.sample_marginal(case.n, case.sde.T, case.sde, generator=g).double()
+        case.extra["ref"] = sd.sample(
+            case.model,
+            case.sde,
+            sampler="torchdiffeq",
+            steps=1,
+            x_T=case.extra["x"],
+            t_min=case.extra["t_end"],
+            grid="uniform",
+            method="dopri5",
+            rtol=1e-9,
+            atol=1e-9,
+        )
+    return case
+
+
+def error(case: Case, y: torch.Tensor) -> float:
+    if not bool(torch.isfinite(y).all()):
+        return math.inf
+    if case.kind == "gauss":
+        gm = case.data
+        b, A = y[0], (y[1:] - y[0]).T
+        alpha, sigma = (float(v) for v in case.sde.marginal(case.sde.T))
+        m_T = alpha * gm.mean
+        S_T = alpha**2 * gm.cov + sigma**2 * torch.eye(gm.D, dtype=torch.float64)
+        S = A @ S_T @ A.T
+        si = torch.linalg.inv(gm.cov)
+        d = A @ m_T + b - gm.mean
+        sign, logdet = torch.linalg.slogdet(S)
+        if sign <= 0:
+            return math.inf
+        kl = 0.5 * float(torch.trace(si @ S) + d @ si @ d - gm.D + torch.logdet(gm.cov) - logdet)
+        return max(kl, 0.0)
+    return float((y - case.extra["ref"]).pow(2).sum(1).mean().sqrt())
+
+
+# -- sdediff configurations ---------------------------------------------------------------------------
+class Counted:
+    """An eps model that counts its calls."""
+
+    def __init__(self, model, sde):
+        self.model, self.sde, self.calls = model, sde, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return sd.as_model(self.model).eps(x, t, self.sde)
+
+
+def sdediff_configs(quick: bool) -> list[dict]:
+    grids = [
+        ("dpm", {}),
+        ("logsnr", {}),
+        ("edm", {"rho": 3.0}),
+        ("edm", {"rho": 7.0}),
+        ("quadratic", {}),
+        ("uniform", {}),
+    ]
+    orders = (2, 3)
+    out = []
+    for (grid, gkw), order, corr, switch, lof, to_zero in itertools.product(
+        grids, orders, (True, False), (0.0, math.inf), (True, False), (True, False)
+    ):
+        if quick and (grid in ("quadratic", "uniform") or not lof):
+            continue
+        out.append(
+            dict(
+                grid=grid,
+                gkw=gkw,
+                order=order,
+                corrector=corr,
+                switch=switch,
+                lower_order_final=lof,
+                to_zero=to_zero,
+            )
+        )
+    return out
+
+
+def label(c: dict) -> str:
+    g = c["grid"] + (f"(rho {c['gkw']['rho']:g})" if c["gkw"] else "")
+    sw = "x0" if c["switch"] == math.inf else "x0/eps"
+    return (
+        f"{g}, order {c['order']}{', UniC' if c['corrector'] else ''}, {sw}"
+        f"{', lof' if c['lower_order_final'] else ''}{', to 0' if c['to_zero'] else ''}"
+    )
+
+
+def run_sdediff(case: Case, c: dict | None, nfe: int) -> tuple[float, int]:
+    """(error, NFE) of one sdediff configuration (None: the default, no options)."""
+    from sdediff.timegrids import get_times
+
+    x, t_end = case.extra["x"], case.extra["t_end"]
+    counted = Counted(case.model, case.sde)
+    if c is None:
+        kw = {} if case.kind == "gauss" else {"t_min": t_end}
+        y = sd.sample(counted, case.sde, sampler="dpm_solver", steps=nfe, x_T=x.clone(), **kw)
+        return error(case, y), counted.calls
+    if c["to_zero"] and (case.kind != "gauss" or float(case.sde.schedule.sigma(torch.tensor(0.0))) > 0):
+        return math.inf, -1
+    t_min = 0.0 if c["to_zero"] else t_end
+    try:
+        times = get_times(case.sde, nfe, grid=c["grid"], t_min=t_min, **c["gkw"])
+    except Exception:  # noqa: BLE001 - a grid that does not fit this schedule
+        return math.inf, -1
+    from sdediff.samplers.dpm import dpm_solver
+
+    y = dpm_solver(
+        counted,
+        case.sde,
+        x.clone(),
+        times,
+        order=c["order"],
+        corrector=c["corrector"],
+        switch=c["switch"],
+        lower_order_final=c["lower_order_final"],
+    )
+    return error(case, y), counted.calls
+
+
+# -- fitting the defaults on the tuning set ---------------------------------------------------------------
+FIT_SPACE = dict(
+    knee=(0.5, 0.25, 0.1, 0.05, 0.0), kappa=(1.0, 1.5, 2.0, 2.5, 3.0), mix=(0.0, 0.25, 0.5), order=(2, 3)
+)
+
+
+def run_candidate(case: Case, cand: dict, nfe: int) -> float:
+    """Error of dpm_solver's default rule with the candidate constants (the same end as the default: sigma =
+    0 on VP Gaussian cases, t_end elsewhere)."""
+    from sdediff.samplers.dpm import dpm_solver
+    from sdediff.timegrids import dpm_times
+
+    to_zero = case.kind == "gauss" and float(case.sde.schedule.sigma(torch.tensor(0.0))) == 0.0
+    t_min = 0.0 if to_zero else case.extra["t_end"]
+    times = dpm_times(case.sde, nfe, t_min, float(case.sde.T), cand["kappa"], cand["mix"], cand["knee"])
+    counted = Counted(case.model, case.sde)
+    y = dpm_solver(counted, case.sde, case.extra["x"].clone(), times, order=cand["order"])
+    assert counted.calls == nfe
+    return error(case, y)
+
+
+def fit(cases, table, nfes, log) -> list[tuple[float, float, dict]]:
+    """Every candidate's (worst, mean) log10 ratio to the best reference (else the best sdediff
+    configuration) over the tuning cases and budgets; best first."""
+    keys = list(FIT_SPACE)
+    out = []
+    for values in itertools.product(*FIT_SPACE.values()):
+        cand = dict(zip(keys, values))
+        logs = []
+        for case in cases:
+            for nfe in nfes:
+                row = table[(case.name, case.schedule, nfe)]
+                ref = min(row["dpm_solver"][0], row["unipc"][0])
+                ref = ref if math.isfinite(ref) else row["sdediff"][0]
+                e = run_candidate(case, cand, nfe)
+                logs.append(math.log10(max(e, 1e-300) / ref) if math.isfinite(e) else math.inf)
+        out.append((max(logs), sum(logs) / len(logs), cand))
+    out.sort(key=lambda r: (r[0], r[1]))
+    for worst, mean, cand in out[:10]:
+        log(f"  worst x{10**worst:.3g}, geometric mean x{10**mean:.3g}: {cand}")
+    return out
+
+
+# -- the table -----------------------------------------------------------------------------------------
+def measure(cases, nfes, quick, refs, log) -> dict:
+    table = {}
+    configs = sdediff_configs(quick)
+    for case in cases:
+        t0 = time.perf_counter()
+        prepare(case)
+        for nfe in nfes:
+            row = {}
+            e, n = run_sdediff(case, None, nfe)
+            row["default"] = (e if n == nfe else math.inf, "default")
+            best = (math.inf, "")
+            for c in configs:
+                e, n = run_sdediff(case, c, nfe)
+                if n == nfe and e < best[0]:
+                    best = (e, label(c))
+            row["sdediff"] = best
+            for kind in ("dpm_solver", "unipc"):
+                best = (math.inf, "n/a")
+                if (
+                    refs is not None
+                    and getattr(refs, "dpm" if kind == "dpm_solver" else "unipc") is not None
+                    and rs.supports(case.sde, kind)
+                ):
+                    for rc in rs.configs(kind, nfe):
+                        if case.kind != "gauss" and rc.get("denoise_to_zero"):
+                            continue
+                        counted = Counted(case.model, case.sde)
+                        try:
+                            y, n = rs.run(
+                                refs,
+                                kind,
+                                rc,
+                                counted,
+                                case.sde,
+                                case.extra["x"].clone(),
+                                case.extra["t_end"],
+                            )
+                        except Exception:  # noqa: BLE001 - a configuration the reference refuses
+                            continue
+                        if n != nfe:
+                            continue
+                        e = error(case, y)
+                        if e < best[0]:
+                            best = (e, rc.get("name") or str(rc))
+                row[kind] = best
+            table[(case.name, case.schedule, nfe)] = row
+        log(f"  {case.name} [{case.schedule}] in {time.perf_counter() - t0:.0f} s")
+    return table
+
+
+def fmt(v: float) -> str:
+    return "inf" if not math.isfinite(v) else f"{v:.3e}"
+
+
+def render(table, cases, nfes, title) -> list[str]:
+    lines = [
+        f"### {title}",
+        "",
+        "| case | schedule | metric | NFE | sdediff default | best sdediff | best DPM-Solver (authors) "
+        "| best UniPC (authors) | best sdediff / best ref. | default / best ref. |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    worst_best, worst_def = {}, {}
+    for case in cases:
+        for nfe in nfes:
+            row = table[(case.name, case.schedule, nfe)]
+            ref = min(row["dpm_solver"][0], row["unipc"][0])
+            rb = row["sdediff"][0] / ref if math.isfinite(ref) and ref > 0 else math.nan
+            rd = row["default"][0] / ref if math.isfinite(ref) and ref > 0 else math.nan
+            if math.isfinite(rb):
+                worst_best[nfe] = max(worst_best.get(nfe, 0.0), rb)
+                worst_def[nfe] = max(worst_def.get(nfe, 0.0), rd)
+            metric = "KL" if case.kind == "gauss" else "RMS"
+            lines.append(
+                f"| {case.name} | {case.schedule} | {metric} | {nfe} | {fmt(row['default'][0])} | "
+                f"{fmt(row['sdediff'][0])} | {fmt(row['dpm_solver'][0])} | {fmt(row['unipc'][0])} | "
+                f"{rb:.3g} | {rd:.3g} |"
+            )
+    lines += [
+        "",
+        "Worst ratio over the cases with a reference, per NFE (goal: best <= 0.5, default <= 1.0):",
+        "",
+        "| NFE | " + " | ".join(str(n) for n in nfes) + " |",
+        "|---|" + "---:|" * len(nfes),
+        "| best sdediff / best ref. | "
+        + " | ".join(f"{worst_best.get(n, math.nan):.3g}" for n in nfes)
+        + " |",
+        "| default / best ref. | " + " | ".join(f"{worst_def.get(n, math.nan):.3g}" for n in nfes) + " |",
+        "",
+    ]
+    return lines
+
+
+def configs_used(table, cases, nfes) -> list[str]:
+    lines = ["### Best configurations (report set)", ""]
+    for case in cases:
+        for nfe in nfes:
+            row = table[(case.name, case.schedule, nfe)]
+            lines.append(
+                f"- {case.name} [{case.schedule}] NFE {nfe}: sdediff `{row['sdediff'][1]}`; "
+                f"DPM-Solver `{row['dpm_solver'][1]}`; UniPC `{row['unipc'][1]}`"
+            )
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reference-solvers", type=Path, default=None, help="folder with the authors' files")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="also print the tuning set's table")
+    ap.add_argument("--fit", action="store_true", help="fit dpm_solver's default constants on the tuning set")
+    ap.add_argument("--write", action="store_true", help=f"record {RESULTS.relative_to(ROOT)}")
+    args = ap.parse_args()
+    refs = rs.load(args.reference_solvers) if args.reference_solvers else None
+    if refs is None:
+        print("no reference solvers given (--reference-solvers DIR): measuring sdediff alone")
+    torch.set_num_threads(1)
+    nfes = (5, 10, 20) if args.quick else NFES
+    t0 = time.perf_counter()
+    flag = " --quick" if args.quick else ""
+    out = [
+        f"# Few-step samplers (`python benchmarks/few_step.py --reference-solvers DIR{flag}`)",
+        "",
+        f"torch {torch.__version__}, {platform.python_version()}, CPU, 1 thread; float64; "
+        "errors: exact KL (Gaussians) or RMS to a tight solve (others); lower is better.",
+        "",
+    ]
+    if args.tune or args.fit:
+        cases = tune_cases()
+        tune_table = measure(cases, nfes, args.quick, refs, print)
+        out += render(tune_table, cases, nfes, "Tuning set")
+        if args.fit:
+            print("fitting dpm_solver's default constants on the tuning set:")
+            ranked = fit(cases, tune_table, nfes, print)
+            out += [
+                "### Defaults fitted on the tuning set",
+                "",
+                *(f"- worst x{10**w:.3g}, geometric mean x{10**m:.3g}: `{c}`" for w, m, c in ranked[:10]),
+                "",
+            ]
+    cases = report_cases(args.quick)
+    table = measure(cases, nfes, args.quick, refs, print)
+    out += render(table, cases, nfes, "Report set")
+    out += configs_used(table, cases, nfes)
+    out.append(f"Total {time.perf_counter() - t0:.0f} s.")
+    text = "\n".join(out)
+    print(text)
+    if args.write:
+        RESULTS.write_text(text + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
