@@ -222,6 +222,8 @@ def _drop_fresh_run_dir() -> None:
         hc = HydraConfig.get()
     except ValueError:  # not under hydra's runtime (tests, library use)
         return
+    if OmegaConf.is_missing(hc.runtime, "output_dir"):  # a config composed by hydra's compose API, no run
+        return
     run = Path(hc.runtime.output_dir).resolve()
     cwd = Path.cwd().resolve()
     if not run.is_dir() or run == cwd or run in cwd.parents:
@@ -289,6 +291,22 @@ def _compose_error(e: BaseException, text: str) -> str:
         detail = " ".join(str(e).splitlines()[1:2]) or first
         return f"{text}: cannot parse this override ({detail.strip()}); write key=value"
     return f"{text}: {first}"
+
+
+def overridden(key: str) -> bool:
+    """Whether ``key=...`` (or a key below it, ``key.x=...``) was given on the command line (False when
+    the config was composed without hydra's runtime, as in tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except ValueError:
+        return False
+    for o in task:
+        name = o.lstrip("+~").split("=", 1)[0]
+        if name == key or name.startswith(key + "."):
+            return True
+    return False
 
 
 def preflight(prog: str, config_name: str, argv: list[str] | None = None) -> None:

@@ -32,7 +32,16 @@ from ..samplers import SAMPLERS, sample
 from ..samplers.base import spec_of
 from ..train import resolve_device
 from . import _report
-from ._common import check_out_dir, check_seed, clean_errors, config_dir, output_dir, preflight, run_logger
+from ._common import (
+    check_out_dir,
+    check_seed,
+    clean_errors,
+    config_dir,
+    output_dir,
+    overridden,
+    preflight,
+    run_logger,
+)
 from ._source import load_source
 
 PROG = "sdediff-compare"
@@ -41,10 +50,8 @@ COLUMNS = ("sampler", "steps", "nfe", "seconds", "deterministic", "kl", "sample_
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Compare as ``cfg`` says; returns ``{"rows": [...], "paths": {...}}``."""
-    from .sample import _sde_overridden
-
     with clean_errors(PROG, cfg):
-        return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
+        return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 
 def gaussian_kl(m: torch.Tensor, S: torch.Tensor, mu: torch.Tensor, Sigma: torch.Tensor) -> float:

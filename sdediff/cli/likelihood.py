@@ -35,6 +35,7 @@ from ._common import (
     config_dir,
     instantiate_at,
     output_dir,
+    overridden,
     preflight,
     run_logger,
 )
@@ -42,12 +43,6 @@ from ._source import evaluation_data, load_source
 
 PROG = "sdediff-likelihood"
 COLUMNS = ("method", "value", "stderr", "unit", "nfe", "seconds", "items")
-
-
-def _sde_overridden() -> bool:
-    from .sample import _sde_overridden as overridden
-
-    return overridden()
 
 
 VARIANCE_CHOICES = ("small", "large", "learned", "analytic")
@@ -98,7 +93,7 @@ def _check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Evaluate as ``cfg`` says; returns ``{"rows": [...], "paths": {...}, ...}``."""
     with clean_errors(PROG, cfg):
-        return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
+        return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 
 def _mean_se(v: torch.Tensor) -> tuple[float, float]:
@@ -118,10 +113,8 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     src = load_source(cfg, sde_from_config=sde_from_config, clip=False)
     info = src.meta.get("diffusers")
     if info:  # the network knows no time before its first training step: start the ODE and ELBO there
-        from .sample import _overridden
-
         for key in ("pf_ode", "elbo"):
-            if not _overridden(f"{key}.t_eps"):
+            if not overridden(f"{key}.t_eps"):
                 cfg[key].t_eps = 1.0 / info["N"]
     x, where = evaluation_data(cfg, src, cfg.n, seed)
     if not x.is_floating_point() or not bool(torch.isfinite(x.float()).all()):

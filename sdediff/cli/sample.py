@@ -33,6 +33,7 @@ from ._common import (
     config_dir,
     instantiate_at,
     output_dir,
+    overridden,
     preflight,
     run_logger,
 )
@@ -42,30 +43,10 @@ from .train import _check_finite_samples
 PROG = "sdediff-sample"
 
 
-def _overridden(key: str) -> bool:
-    """Whether ``key=...`` (or a key below it, ``key.x=...``) was given on the command line."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = HydraConfig.get().overrides.task
-    except ValueError:  # composed without hydra's runtime (tests)
-        return False
-    for o in task:
-        name = o.lstrip("+~").split("=", 1)[0]
-        if name == key or name.startswith(key + "."):
-            return True
-    return False
-
-
-def _sde_overridden() -> bool:
-    """Whether ``sde=...`` / ``sde.x=...`` was given on the command line."""
-    return _overridden("sde")
-
-
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Sample as ``cfg`` says; returns ``{"samples": tensor, "paths": ..., ...}``."""
     with clean_errors(PROG, cfg):
-        return _run(cfg, _sde_overridden() if sde_from_config is None else sde_from_config)
+        return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 
 def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
@@ -84,7 +65,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     check_out_dir(cfg)
     src = load_source(cfg, sde_from_config=sde_from_config)
     info = src.meta.get("diffusers")
-    if info and cfg.sampler.get("name") == "ancestral" and not _overridden("sampler.options.variance"):
+    if info and cfg.sampler.get("name") == "ancestral" and not overridden("sampler.options.variance"):
         # sample the way the diffusers scheduler would (its variance_type), unless told otherwise
         cfg.sampler.options.variance = info["variance"]
     sampler = instantiate_at(cfg.sampler, "sampler")
