@@ -269,7 +269,7 @@ CASES = [
     (
         "train",
         "sampler.grid=foo",
-        r"sampler\.grid=foo: must be one of dpm, edm, logsnr, quadratic, trailing, uniform.*",
+        r"sampler\.grid=foo: must be one of dpm, edm, fitted, logsnr, quadratic, trailing, uniform.*",
     ),
     ("train", "sampler=dpm_solver sampler.options.order=7", r"sampler\.options\.order=7: must be 1, 2 or 3"),
     (

@@ -74,7 +74,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     # -- sample ---------------------------------------------------------------------------------------
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
-    chunks, nfe, traj = [], 0, []
+    chunks, nfe, pilot, traj = [], 0, 0, []
     batches = range(0, cfg.n, cfg.batch_size)
     bar = None
     if cfg.get("progress", True) and len(batches) > 1:
@@ -93,7 +93,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
                 model, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
             )
             chunks.append(x.cpu())
-            nfe = max(nfe, info.nfe)
+            nfe, pilot = max(nfe, info.nfe), pilot + info.pilot_nfe
             if bar is not None:
                 bar.update(b)
     if bar is not None:
@@ -105,6 +105,8 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     variance = sampler.options.get("variance")
     what = f"{sampler.label}{f' ({variance} variance)' if isinstance(variance, str) else ''}, "
     what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}"
+    if pilot:
+        what += f" (grid fitted on {pilot} pilot NFE, not counted above)"
     paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
     if traj:
         traj.append(samples[:32])
@@ -116,7 +118,14 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         f"{PROG}: {cfg.n} samples of shape {src.item_shape} from {src.label} with {what} in {took:.1f} s -> "
         f"{paths.get('png', paths['npz'])}"
     )
-    return {"samples": samples, "paths": paths, "source": src.label, "nfe": nfe, "seconds": took}
+    return {
+        "samples": samples,
+        "paths": paths,
+        "source": src.label,
+        "nfe": nfe,
+        "pilot_nfe": pilot,
+        "seconds": took,
+    }
 
 
 @hydra.main(config_path=config_dir(), config_name="sample_checkpoint", version_base="1.3")

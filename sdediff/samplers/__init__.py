@@ -34,6 +34,7 @@ from ..sde import SDE
 from ..timegrids import GRIDS, get_times
 from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
 from .dpm import dpm_solver
+from .fitted import FittedGrid, cached_fit, clear_fitted_cache, fit_times
 from .langevin import pc
 from .ode import pf_ode, via_torchdiffeq
 from .posterior import ancestral
@@ -53,7 +54,14 @@ __all__ = [
     "via_torchsde",
     "via_torchdiffeq",
     "dpm_solver",
+    "FittedGrid",
+    "fit_times",
+    "clear_fitted_cache",
+    "FITTED",
 ]
+
+#: the grid name that asks :func:`sample` for a grid fitted to the model (:func:`fit_times`)
+FITTED = "fitted"
 
 #: the built-in samplers by name (any declared sampler function can be passed to ``sample`` itself)
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -64,12 +72,18 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 @dataclass(frozen=True)
 class SampleInfo:
-    """What a :func:`sample` call did: model evaluations actually made and the grid it used."""
+    """What a :func:`sample` call did: model evaluations actually made and the grid it used.
+
+    ``pilot_nfe`` counts the model calls (on the pilot batch) this call spent fitting a
+    ``grid="fitted"`` grid, never included in ``nfe``; 0 when the grid came from the cache or is a fixed
+    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids)."""
 
     nfe: int
     times: Tensor
     sampler: str
     steps: int
+    pilot_nfe: int = 0
+    fit: FittedGrid | None = None
 
 
 def _positive_int(name: str, v) -> int:
@@ -106,10 +120,21 @@ def _resolve(sampler, steps, grid, t_min, options: Mapping[str, Any], sde: SDE |
                 "sample",
             )
     steps = spec.steps if steps is None else _positive_int("steps", steps)
-    if grid is not None and grid not in GRIDS:
+    if grid is not None and grid not in GRIDS and grid != FITTED:
         raise ArgumentError(
-            "grid", grid, f"must be one of {', '.join(sorted(GRIDS))} (unknown grid)", "sample"
+            "grid", grid, f"must be one of {', '.join(sorted([*GRIDS, FITTED]))} (unknown grid)", "sample"
         )
+    if grid == FITTED:
+        if not spec.is_deterministic(options):
+            raise ArgumentError(
+                "grid",
+                grid,
+                f"needs a deterministic (probability-flow) sampler; {spec.name!r} with these options draws "
+                "noise (use dpm_solver, pf_ode, torchdiffeq or ancestral with eta=0)",
+                "sample",
+            )
+        if steps < 2:
+            raise ArgumentError("steps", steps, "must be >= 2 for grid 'fitted'", "sample")
     if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, numbers.Real) or t_min < 0):
         raise ArgumentError("t_min", t_min, "must be a number >= 0", "sample")
     if sde is None:
@@ -120,7 +145,7 @@ def _resolve(sampler, steps, grid, t_min, options: Mapping[str, Any], sde: SDE |
         if not (math.isfinite(float(t_min)) and 0.0 <= float(t_min) < T):
             raise ArgumentError("t_min", t_min, f"must be a number in [0, T) = [0, {T:g})", "sample")
         t_min = float(t_min)
-    else:
+    elif grid != FITTED:
         t_min = spec.default_t_min(grid, options)
     return fn, spec, steps, grid, t_min
 
@@ -172,6 +197,7 @@ def sample(
     progress: bool = False,
     device=None,
     dtype: torch.dtype | None = None,
+    fit: Mapping[str, Any] | None = None,
     **options,
 ):
     """Draw samples by integrating the reverse process from ``T`` to ``t_min`` on a time grid.
@@ -196,10 +222,16 @@ def sample(
             on grids that allow it, so that the last step returns x0_hat as DDPM does; 0 for
             ``dpm_solver`` on its "dpm" grid), else the schedule's ``default_t_min``.
         callback: called with ``{"i", "t", "x", "x0"}`` after each model evaluation on the grid.
-        grid: a grid name of :data:`sdediff.timegrids.GRIDS`. Default: the sampler's own
-            (``"dpm"`` for ``dpm_solver``), else ``"trailing"`` on discrete schedules and ``"uniform"``.
+        grid: a grid name of :data:`sdediff.timegrids.GRIDS`, or ``"fitted"``: a grid fitted to this
+            model by :func:`fit_times` on pilot trajectories (deterministic samplers only; fitted once
+            per model, steps and options, then cached; its cost is ``info.pilot_nfe``, not in
+            ``info.nfe``; it ends at the schedule's ``default_t_min`` unless ``t_min`` is given).
+            Default: the sampler's own (``"dpm"`` for ``dpm_solver``), else ``"trailing"`` on discrete
+            schedules and ``"uniform"``.
         return_info: also return a :class:`SampleInfo`.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (and one over the fit of a ``"fitted"`` grid).
+        fit: keyword arguments of :func:`fit_times` for ``grid="fitted"`` (``n_pilot``, ``objective``,
+            ``reference_steps``, ``knots``, ``max_evals``, ``generator`` of the pilot draws).
         **options: the sampler's own options (e.g. ``eta``, ``variance``, ``method``, ``denoise``).
 
     Returns:
@@ -223,7 +255,38 @@ def sample(
         )
     if not callable(model):
         raise TypeError(f"sample: model must be a Model or a callable net(x, t), got {type(model).__name__}")
-    times = get_times(sde, steps, grid=grid, t_min=t_min)
+    fit_kw = _check_fit(fit, grid)
+    fitted, pilot_nfe = None, 0
+    if grid == FITTED:
+        if t_min is None:
+            t_min = float(sde.schedule.default_t_min)
+        item = tuple(x_T.shape[1:]) if x_T is not None else tuple(shape[1:])
+        extra = (
+            t_min,
+            fn,
+            tuple(sorted(options.items())),
+            item,
+            dtype,
+            str(device),
+            tuple(sorted((k, v) for k, v in fit_kw.items() if k != "generator")),
+        )
+        fitted, fresh = cached_fit(
+            model,
+            sde,
+            steps,
+            extra,
+            sampler=fn,
+            options=options,
+            shape=item,
+            t_min=t_min,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            **fit_kw,
+        )
+        times, pilot_nfe = fitted.times.clone(), (fitted.pilot_nfe if fresh else 0)
+    else:
+        times = get_times(sde, steps, grid=grid, t_min=t_min)
     ev = Evaluator(model, sde)  # the model, resolved once; counts every evaluation
 
     # -- run ------------------------------------------------------------------------------------------
@@ -249,8 +312,29 @@ def sample(
             bar.close()
     if return_info:
         name = sampler if isinstance(sampler, str) else spec.name
-        return x, SampleInfo(nfe=ev.nfe, times=times, sampler=name, steps=steps)
+        return x, SampleInfo(
+            nfe=ev.nfe, times=times, sampler=name, steps=steps, pilot_nfe=pilot_nfe, fit=fitted
+        )
     return x
+
+
+_FIT_KEYS = ("n_pilot", "objective", "reference_steps", "knots", "max_evals", "generator")
+
+
+def _check_fit(fit, grid) -> dict:
+    """The ``fit=`` arguments of :func:`sample`, checked (only meaningful with ``grid="fitted"``)."""
+    if fit is None:
+        return {}
+    if not isinstance(fit, Mapping):
+        raise ArgumentError("fit", fit, f"must be a mapping of {', '.join(_FIT_KEYS)}", "sample")
+    if grid != FITTED:
+        raise ArgumentError("fit", dict(fit), "is only used with grid='fitted'", "sample")
+    unknown = sorted(set(fit) - set(_FIT_KEYS))
+    if unknown:
+        raise ArgumentError(
+            f"fit.{unknown[0]}", fit[unknown[0]], f"is unknown; use {', '.join(_FIT_KEYS)}", "sample"
+        )
+    return dict(fit)
 
 
 @dataclass(frozen=True)
@@ -301,8 +385,12 @@ class Sampler:
             return torch.zeros((x.shape[0], x.shape[1] * (2 if learn_variance else 1), *x.shape[2:]))
 
         model = Model(null_net, "eps", learn_variance=learn_variance)
+        kw = {}
+        if self.grid == FITTED:  # every check of the fit, then the run on a fixed grid (no pilot work)
+            _resolve(self.name, self.steps, self.grid, self.t_min, dict(self.options), sde)
+            kw["grid"] = "dpm"
         with torch.no_grad():
-            self(model, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0))
+            self(model, sde, x_T=torch.zeros(tuple(shape)), generator=torch.Generator().manual_seed(0), **kw)
 
     def __call__(self, model, sde: SDE, *, shape=None, x_T=None, generator=None, **kwargs):
         """``sample(model, sde, sampler=name, steps=steps, grid=..., t_min=..., **options, **kwargs)``;
