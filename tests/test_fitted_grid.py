@@ -49,6 +49,14 @@ class Counting:
         return self.fn(x, t)
 
 
+def counted_gaussian(d: int, seed: int, batch: int):
+    """A VP-SDE, the exact eps of a d-dim Gaussian behind a call counter, and ``batch`` prior draws."""
+    sde = sd.SDE(sd.LinearVP())
+    net = Counting(random_gaussian(d, 1e-2, 1.0, seed=seed), sde)
+    x = sde.prior_sample((batch, d), generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return sde, net, x
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     clear_fitted_cache()
@@ -98,10 +106,7 @@ def test_the_fitted_grid_beats_the_fixed_default_grid_in_exact_kl(case, nfe):
 
 
 def test_sample_counts_pilot_calls_apart_and_caches_the_fit():
-    sde = sd.SDE(sd.LinearVP())
-    gm = random_gaussian(4, 1e-2, 1.0, seed=32)
-    net = Counting(gm, sde)
-    x = sde.prior_sample((16, 4), generator=torch.Generator().manual_seed(5), dtype=F64)
+    sde, net, x = counted_gaussian(4, seed=32, batch=16)
     fit = {"n_pilot": 32, "reference_steps": 60, "max_evals": 30}
     y1, info1 = sd.sample(net, sde, steps=5, grid="fitted", x_T=x, fit=fit, return_info=True)
     assert info1.nfe == 5
@@ -135,10 +140,7 @@ def test_a_model_changed_in_place_is_fitted_again():
 
 
 def test_deterministic_samplers_other_than_dpm_solver_can_use_a_fitted_grid():
-    sde = sd.SDE(sd.LinearVP())
-    gm = random_gaussian(3, 1e-2, 1.0, seed=33)
-    net = Counting(gm, sde)
-    x = sde.prior_sample((8, 3), generator=torch.Generator().manual_seed(2), dtype=F64)
+    sde, net, x = counted_gaussian(3, seed=33, batch=8)
     fit = {"n_pilot": 32, "reference_steps": 60, "max_evals": 20}
     _, info = sd.sample(net, sde, sampler="pf_ode", steps=4, grid="fitted", x_T=x, fit=fit, return_info=True)
     assert info.nfe == 8  # Heun: two calls per step
