@@ -26,7 +26,7 @@ from .samplers import SAMPLERS, SampleInfo, Sampler, sample
 from .schedules import VE, CosineVP, DiscreteVP, LinearVP, Schedule, SubVP
 from .sde import SDE, append_dims
 from .timegrids import get_times
-from .train import TrainResult
+from .training import TrainResult
 from .variance import AnalyticVariance, analytic_variance
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ interval of width ``a / 256`` and the 256 bins tile ``[b, a + b)``. For a contin
 range this gives ``log P(k) >= E_u[log p(x)] + D log(a / 256)``: bits/dim ``= -(E_u[log p(x)] + D log a -
 D log 256) / (D ln 2)`` (a uniform density on [-1, 1]^D scores exactly 8).
 
-Used by the data sets (:mod:`sdediff.data`), training on dequantized batches (:func:`sdediff.train.train`)
+Used by the data sets (:mod:`sdediff.data`), training on dequantized batches (:func:`sdediff.training.train`)
 and the likelihoods (:mod:`sdediff.likelihood`).
 """
 

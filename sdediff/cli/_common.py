@@ -392,8 +392,8 @@ def check_out_dir(cfg: DictConfig) -> None:
 
 
 def train_kwargs(cfg_train: DictConfig) -> dict[str, Any]:
-    """``cfg.train`` as keyword arguments of :func:`sdediff.train.train`, refusing unknown keys."""
-    from ..train import train
+    """``cfg.train`` as keyword arguments of :func:`sdediff.training.train`, refusing unknown keys."""
+    from ..training import train
 
     kwargs = to_plain(cfg_train)
     allowed = {n for n, p in inspect.signature(train).parameters.items() if p.kind is p.KEYWORD_ONLY} - {

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from ..errors import ArgumentError
 from ..samplers import SAMPLERS, sample
 from ..samplers.base import spec_of
-from ..train import resolve_device
+from ..training import resolve_device
 from . import _report
 from ._common import (
     check_out_dir,

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import ArgumentError
 from ..lattice import on_lattice
 from ..likelihood import bits_per_dim, continuous_elbo, discrete_vlb, log_likelihood
-from ..train import resolve_device
+from ..training import resolve_device
 from . import _report
 from ._common import (
     check_out_dir,

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import ArgumentError
-from ..train import resolve_device
+from ..training import resolve_device
 from . import _report
 from ._common import (
     check_out_dir,

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from ..checkpoint import CheckpointError
 from ..data import as_tensor
 from ..errors import ArgumentError, TrainingError
-from ..train import dist_env, train, validate
+from ..training import dist_env, train, validate
 from . import _report
 from ._common import (
     build,
