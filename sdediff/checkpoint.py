@@ -60,6 +60,8 @@ __all__ = [
 
 FORMAT = "sdediff-checkpoint"
 VERSION = 2  # 2: the JSON carries the SHA-256 of its own content
+#: the checkpoint versions :func:`load_checkpoint` reads; each one's hashes are checked
+KNOWN_VERSIONS = (2,)
 _NAME = re.compile(r"^step_(\d+)\.json$")
 
 
@@ -182,16 +184,9 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 # -- writing -------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from .outputs import atomic_write  # the one writer: temporary sibling, fsync, os.replace
+
+    atomic_write(path, data)
 
 
 def save_checkpoint(
@@ -259,11 +254,23 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f'{jpath} is not an sdediff checkpoint (no "format": "{FORMAT}" entry)')
-    if meta.get("version", 0) > VERSION:
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(
-            f"{jpath} was written by a newer sdediff (checkpoint version {meta['version']} > {VERSION})"
+            f"checkpoint {jpath}: its version {version!r} is not an integer (known: "
+            f"{', '.join(map(str, KNOWN_VERSIONS))}); the file is corrupt or was edited"
         )
-    if meta.get("version", 0) >= 2 and meta.get("meta_sha256") != metadata_digest(meta):
+    if version > VERSION:
+        raise CheckpointError(
+            f"{jpath} was written by a newer sdediff (checkpoint version {version} > {VERSION})"
+        )
+    if version not in KNOWN_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {jpath}: version {version} is not one this sdediff reads (known: "
+            f"{', '.join(map(str, KNOWN_VERSIONS))}; version 1 carried no hash of its own content, so it "
+            "cannot be verified); use a checkpoint written by this sdediff"
+        )
+    if meta.get("meta_sha256") != metadata_digest(meta):  # every known version carries its hash
         raise CheckpointError(
             f"checkpoint {jpath} was altered or is corrupt: its content does not match its meta_sha256; "
             "use an intact checkpoint"

@@ -153,11 +153,61 @@ def _check_folder(root: Path) -> tuple[str, dict, dict]:
     return scls, ucfg, scfg
 
 
+#: the most training steps a scheduler config may name (beyond it the betas alone would take gigabytes)
+MAX_TRAIN_TIMESTEPS = 1_000_000
+#: scheduler fields read here, with their type and allowed range: (kind, low, high)
+_FIELDS = {
+    "beta_start": ("number", 0.0, 1.0),
+    "beta_end": ("number", 0.0, 1.0),
+    "clip_sample_range": ("number", 0.0, None),
+    "dynamic_thresholding_ratio": ("number", 0.0, 1.0),
+    "sample_max_value": ("number", 0.0, None),
+    "prediction_type": ("name", None, None),
+    "variance_type": ("name", None, None),
+    "beta_schedule": ("name", None, None),
+    "clip_sample": ("flag", None, None),
+    "thresholding": ("flag", None, None),
+    "rescale_betas_zero_snr": ("flag", None, None),
+}
+
+
+def _check_fields(cfg: dict, where: str) -> None:
+    """Every scheduler field this module reads has the right type and range (one line naming the field),
+    before anything is computed from it."""
+    N = cfg.get("num_train_timesteps", 1000)
+    if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= MAX_TRAIN_TIMESTEPS:
+        raise DiffusersError(
+            f"{where}: num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS:g}], got {N!r}"
+        )
+    for key, (kind, lo, hi) in _FIELDS.items():
+        if key not in cfg or cfg[key] is None:
+            continue
+        v = cfg[key]
+        if kind == "flag" and not isinstance(v, bool):
+            raise DiffusersError(f"{where}: {key} must be true or false, got {v!r}")
+        if kind == "name" and not isinstance(v, str):
+            raise DiffusersError(f"{where}: {key} must be a string, got {v!r}")
+        if kind == "number":
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise DiffusersError(f"{where}: {key} must be a finite number, got {v!r}")
+            if v <= lo or (hi is not None and v > hi):
+                rng = f"(0, {hi:g}]" if hi is not None else "> 0"
+                raise DiffusersError(f"{where}: {key} must be in {rng}, got {v!r}")
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        ok = isinstance(trained, list) and all(
+            not isinstance(b, bool) and isinstance(b, int | float) and math.isfinite(b) and 0 < b < 1
+            for b in trained
+        )
+        if not ok:
+            shown = repr(trained) if len(repr(trained)) < 60 else repr(trained)[:57] + "..."
+            raise DiffusersError(f"{where}: trained_betas must be a list of numbers in (0, 1), got {shown}")
+
+
 def _betas(cfg: dict, where: str) -> Tensor:
     """DDPM's betas of a scheduler config, in float64."""
+    _check_fields(cfg, where)
     N = cfg.get("num_train_timesteps", 1000)
-    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-        raise DiffusersError(f"{where}: num_train_timesteps must be a positive integer, got {N!r}")
     if cfg.get("rescale_betas_zero_snr"):
         raise DiffusersError(
             f"{where}: rescale_betas_zero_snr=True makes the last beta 1 (alpha_T = 0, an infinite log-SNR), "

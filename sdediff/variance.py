@@ -30,6 +30,7 @@ for analytic, on ``Gamma`` at the step's start).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterable
@@ -75,6 +76,9 @@ class AnalyticVariance:
             ``calls`` batched calls; ``seconds``: wall time of the estimate.
         data_bound: ``(hi - lo) / 2`` of the data's range, or None (no range bound).
         source: where the data came from (free text, for reports).
+        schedule: the fingerprint (:func:`schedule_fingerprint`) of the SDE's schedule the moments were
+            estimated on; used with another schedule they are refused. ``None``: not recorded (moments
+            you built yourself), unchecked.
         decoder_fit: ``(t1, variance)``: for 8-bit data, the discretized decoder's variance at the first
             grid time that minimises its negative log-likelihood on the moment data (see
             :func:`analytic_variance`'s ``decoder``), used instead of ``c_0^2 m_{t1}``.
@@ -90,6 +94,7 @@ class AnalyticVariance:
     data_bound: float | None = None
     source: str = ""
     decoder_fit: tuple[float, float] | None = None
+    schedule: str | None = None
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -97,7 +102,40 @@ class AnalyticVariance:
         self.moment = torch.as_tensor(self.moment, dtype=torch.float64).reshape(-1)
         if self.times.shape != self.moment.shape:
             raise ValueError("AnalyticVariance: times and moment must have the same length")
+        if self.estimator not in ESTIMATORS:
+            raise ArgumentError(
+                "estimator", self.estimator, f"must be {' or '.join(ESTIMATORS)}", "AnalyticVariance"
+            )
+        if not bool(torch.isfinite(self.times).all()) or not bool((self.times > 0).all()):
+            raise ArgumentError("times", "...", "must be finite times > 0", "AnalyticVariance")
+        bad = ~torch.isfinite(self.moment)
+        if self.estimator == "x0_error":  # a mean of squares; eps_norm's derived moment may dip below 0
+            bad |= self.moment < 0
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ArgumentError(
+                "moment",
+                float(self.moment[i]),
+                f"must be finite{' and >= 0' if self.estimator == 'x0_error' else ''} (at t = "
+                f"{float(self.times[i]):.6g}); estimate it again with sdediff.analytic_variance",
+                "AnalyticVariance",
+            )
         self._index = {round(t, 12): i for i, t in enumerate(self.times.tolist())}
+        self._checked: object = None
+
+    def check_sde(self, sde: SDE) -> None:
+        """Raise :class:`ArgumentError` unless the moments were estimated for this SDE's schedule (their
+        :attr:`schedule` fingerprint, when recorded, must match)."""
+        if self.schedule is None or self._checked is sde.schedule:
+            return
+        if schedule_fingerprint(sde) != self.schedule:
+            raise ArgumentError(
+                "variance",
+                "analytic",
+                f"was estimated for another schedule than this SDE's {sde.schedule!r}; estimate it for "
+                "this SDE (sdediff.analytic_variance(model, sde, data))",
+            )
+        self._checked = sde.schedule
 
     @classmethod
     def from_gamma(cls, sde: SDE, times, gamma, **kw) -> AnalyticVariance:
@@ -105,6 +143,10 @@ class AnalyticVariance:
         ``m_t = sigma_t^2 / alpha_t^2 (1 - Gamma_t)``."""
         times = torch.as_tensor(times, dtype=torch.float64)
         m = torch.exp(-sde.schedule.log_snr(times)) * (1.0 - torch.as_tensor(gamma, dtype=torch.float64))
+        g = torch.as_tensor(gamma, dtype=torch.float64)
+        if not bool(torch.isfinite(g).all()):
+            raise ArgumentError("gamma", "...", "must be finite", "from_gamma")
+        kw.setdefault("schedule", schedule_fingerprint(sde))
         return cls(times, m, estimator="eps_norm", **kw)
 
     def _at(self, t) -> Tensor:
@@ -124,6 +166,7 @@ class AnalyticVariance:
 
     def error_moment(self, sde: SDE, t) -> Tensor:
         """``m_t`` at times ``t`` (each one of :attr:`times`), clipped to its bounds."""
+        self.check_sde(sde)
         t = torch.as_tensor(t, dtype=torch.float64)
         upper = torch.exp(-sde.schedule.log_snr(t))  # sigma_t^2 / alpha_t^2
         if self.data_bound is not None:
@@ -138,6 +181,7 @@ class AnalyticVariance:
     def decoder_variance(self, sde: SDE, t1: float) -> float:
         """The variance of the decoder ``p(x_0 | x_{t1})``: ``c_0^2 m_{t1}``, floored; or the fitted
         discretized decoder's (:attr:`decoder_fit`) when it was fitted at ``t1``."""
+        self.check_sde(sde)
         if self.decoder_fit is not None and round(float(t1), 12) == round(self.decoder_fit[0], 12):
             return self.decoder_fit[1]
         t = torch.tensor(t1, dtype=torch.float64)
@@ -152,6 +196,16 @@ class AnalyticVariance:
             f"AnalyticVariance({self.times.numel()} times, {self.estimator}, n={self.n}, "
             f"{self.evaluations} evaluations)"
         )
+
+
+#: how the moments of an :class:`AnalyticVariance` were estimated
+ESTIMATORS = ("x0_error", "eps_norm")
+
+
+def schedule_fingerprint(sde: SDE) -> str:
+    """A short hash of an SDE's schedule (its closed forms): what binds an :class:`AnalyticVariance`
+    to the schedule it was estimated on."""
+    return hashlib.sha256(repr(sde.schedule.cache_key()).encode()).hexdigest()[:16]
 
 
 def _batches(data, n: int) -> Iterable[Tensor]:
@@ -300,6 +354,7 @@ def analytic_variance(
         calls=calls,
         seconds=time.perf_counter() - t0,
         data_bound=bound,
+        schedule=schedule_fingerprint(sde),
     )
     if estimator == "eps_norm":
         av = AnalyticVariance.from_gamma(sde, times, mean, **kw)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..outputs import figure_bytes, npz_bytes, write_output
+
 __all__ = [
     "save_samples",
     "save_points_figure",
@@ -123,8 +125,10 @@ def _save(plt, fig, path: Path, title: str) -> Path:
         fig.tight_layout(rect=(0, 0, 1, 0.95))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # rendered in memory, written by the one writer (sdediff.outputs)
+        write_output(path, figure_bytes(fig, dpi=120))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -153,7 +157,7 @@ def save_samples(samples: Tensor, data: Tensor | None, out_dir: Path, title: str
     """``samples.npz`` and ``samples.png`` (data vs samples) in ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
-    np.savez_compressed(npz, samples=samples.detach().float().cpu().numpy())
+    write_output(npz, npz_bytes(samples=samples.detach().float().cpu().numpy()))
     png = out_dir / "samples.png"
     if samples.ndim == 2 and samples.shape[1] == 2:
         save_points_figure(data, samples, png, title)

@@ -19,15 +19,15 @@ mismatch is a floor every sampler shares). Errors:
 
 from __future__ import annotations
 
-import csv
 import time
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ArgumentError
+from ..outputs import csv_text, write_output
 from ..samplers import SAMPLERS, sample
 from ..samplers.base import spec_of
 from ..training import resolve_device
@@ -35,13 +35,13 @@ from . import _report
 from ._common import (
     check_out_dir,
     check_seed,
-    clean_errors,
     config_dir,
     output_dir,
     overridden,
     preflight,
     run_logger,
 )
+from ._outputs import command
 from ._source import load_source
 
 PROG = "sdediff-compare"
@@ -50,7 +50,7 @@ COLUMNS = ("sampler", "steps", "nfe", "seconds", "deterministic", "kl", "sample_
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Compare as ``cfg`` says; returns ``{"rows": [...], "paths": {...}}``."""
-    with clean_errors(PROG, cfg):
+    with command(PROG, cfg):
         return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 
@@ -73,12 +73,20 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0
 
 
 def _check(cfg: DictConfig) -> None:
+    if not OmegaConf.is_list(cfg.samplers):
+        raise ArgumentError(
+            "samplers", cfg.samplers, "must be a list of sampler names, e.g. samplers=[pf_ode]"
+        )
     samplers = list(cfg.samplers)
     if not samplers or any(s not in SAMPLERS for s in samplers):
         bad = next((s for s in samplers if s not in SAMPLERS), None)
         raise ArgumentError(
             "samplers", bad, f"must be a list of sampler names: {', '.join(sorted(SAMPLERS))}"
         )
+    if cfg.get("weights", "ema") not in ("ema", "model"):
+        raise ArgumentError("weights", cfg.weights, "must be ema or model")
+    if not OmegaConf.is_list(cfg.steps):
+        raise ArgumentError("steps", cfg.steps, "must be a list of integers >= 1, e.g. steps=[5,10,20]")
     steps = list(cfg.steps)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
         raise ArgumentError("steps", steps, "must be a non-empty list of integers >= 1")
@@ -188,11 +196,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "compare.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_output(out / "compare.csv", csv_text(rows, COLUMNS))
     title = f"{src.label}, {type(sde.schedule).__name__}"
     png = _error_figure(rows, out / "compare.png", title, floor, data_label)
     if exact is not None:  # a first row with the data alone; then one row per sampler, one column per steps

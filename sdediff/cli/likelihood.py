@@ -26,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import ArgumentError
 from ..lattice import on_lattice
 from ..likelihood import bits_per_dim, continuous_elbo, discrete_vlb, log_likelihood
+from ..outputs import csv_text, write_output
 from ..training import resolve_device
 from . import _report
 from ._common import (
     check_out_dir,
     check_seed,
-    clean_errors,
     config_dir,
     instantiate_at,
     output_dir,
@@ -39,6 +39,7 @@ from ._common import (
     preflight,
     run_logger,
 )
+from ._outputs import command
 from ._source import evaluation_data, load_source
 
 PROG = "sdediff-likelihood"
@@ -49,6 +50,8 @@ VARIANCE_CHOICES = ("small", "large", "learned", "analytic")
 
 
 def _check(cfg: DictConfig) -> None:
+    if cfg.get("weights", "ema") not in ("ema", "model"):
+        raise ArgumentError("weights", cfg.weights, "must be ema or model")
     for key in ("n", "batch_size"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ArgumentError(key, cfg[key], "must be an integer >= 1")
@@ -92,7 +95,7 @@ def _check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Evaluate as ``cfg`` says; returns ``{"rows": [...], "paths": {...}, ...}``."""
-    with clean_errors(PROG, cfg):
+    with command(PROG, cfg):
         return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 
@@ -173,12 +176,19 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         xb = xb.to(device)
         t = time.perf_counter()
         kw = dict(trace=trace, probes=pf.probes, rtol=pf.rtol, atol=pf.atol, t_eps=pf.t_eps, generator=g)
-        if eight_bit:
-            r = bits_per_dim(model, src.sde, xb, repeats=pf.repeats, **kw)
-            record(pf_name, r.bpd, r.nfe, time.perf_counter() - t)
-        else:
-            r = log_likelihood(model, src.sde, xb, **kw)
-            record(pf_name, -r.logp, r.nfe, time.perf_counter() - t)
+        try:
+            if eight_bit:
+                r = bits_per_dim(model, src.sde, xb, repeats=pf.repeats, **kw)
+                record(pf_name, r.bpd, r.nfe, time.perf_counter() - t)
+            else:
+                r = log_likelihood(model, src.sde, xb, **kw)
+                record(pf_name, -r.logp, r.nfe, time.perf_counter() - t)
+        except ArgumentError as e:  # a solve gone non-finite names its knob: as the config key
+            if e.key not in ("x", "model") and e.key not in pf:
+                raise
+            key = {"x": "data", "model": "ckpt"}.get(e.key, f"pf_ode.{e.key}")
+            value = e.value if e.key in ("x", "model") else pf[e.key]
+            raise ArgumentError(key, value, e.allowed) from None
         for variance in variances:
             t = time.perf_counter()
             decoder = "discretized" if eight_bit else "gaussian"
@@ -239,13 +249,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         if not math.isfinite(mean):
             raise ArgumentError("model", src.label, f"gives a non-finite {name}; check the model and t_eps")
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    import csv
-
-    with open(out / "likelihood.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_output(out / "likelihood.csv", csv_text(rows, COLUMNS))
     per_item = {name: torch.cat(m["values"]).tolist() for name, m in methods.items()}
     vlb_terms = {
         name: torch.cat(m["extra"]).mean(0).tolist()
@@ -272,7 +276,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         },
         "seconds": round(time.perf_counter() - t_start, 2),
     }
-    (out / "likelihood.json").write_text(json.dumps(report, indent=1))
+    write_output(out / "likelihood.json", json.dumps(report, indent=1))
     png = _figure(per_item, vlb_terms, pf_name, unit, src, out / "likelihood.png")
     log(_table(rows))
     log(f"{PROG}: done in {report['seconds']:.1f} s -> {out / 'likelihood.csv'}, likelihood.json, {png.name}")

@@ -29,7 +29,6 @@ from ._common import (
     check_out_dir,
     check_sampler,
     check_seed,
-    clean_errors,
     config_dir,
     instantiate_at,
     output_dir,
@@ -37,6 +36,7 @@ from ._common import (
     preflight,
     run_logger,
 )
+from ._outputs import command
 from ._source import load_source
 from .train import _check_finite_samples
 
@@ -45,7 +45,7 @@ PROG = "sdediff-sample"
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
     """Sample as ``cfg`` says; returns ``{"samples": tensor, "paths": ..., ...}``."""
-    with clean_errors(PROG, cfg):
+    with command(PROG, cfg):
         return _run(cfg, overridden("sde") if sde_from_config is None else sde_from_config)
 
 

@@ -18,6 +18,7 @@ nothing is written then (not even hydra's run directory).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -31,13 +32,13 @@ from omegaconf import DictConfig
 from ..checkpoint import CheckpointError
 from ..data import as_tensor
 from ..errors import ArgumentError, TrainingError
+from ..outputs import lock_output, output_set, set_aside, write_output
 from ..training import dist_env, train, validate
 from . import _report
 from ._common import (
     build,
     check_out_dir,
     check_seed,
-    clean_errors,
     config_dir,
     instantiate_at,
     output_dir,
@@ -46,6 +47,7 @@ from ._common import (
     to_plain,
     train_kwargs,
 )
+from ._outputs import command
 
 PROG = "sdediff-train"
 LIKELIHOODS = (None, "nll", "bpd")
@@ -184,7 +186,7 @@ def evaluate(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and report as ``cfg`` says; returns the report (also written to ``<out>/report.json``)."""
-    with clean_errors(PROG, cfg):
+    with command(PROG, cfg):
         return _run(cfg)
 
 
@@ -209,19 +211,46 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         f"{kwargs.get('steps')} steps of {kwargs.get('batch_size')}; output in {out}"
     )
     try:
-        result = train(model, objs["loss"], data, out_dir=out, config=to_plain(cfg), **kwargs)
+        with contextlib.ExitStack() as stack:
+            if kwargs.get("resume_fork") is not None:  # the branch is written by this run alone too
+                stack.enter_context(lock_output(kwargs["resume_fork"], PROG))
+                stack.enter_context(output_set(kwargs["resume_fork"]))
+            result = train(model, objs["loss"], data, out_dir=out, config=to_plain(cfg), **kwargs)
+            out = result.out_dir or out
+            return _finish(cfg, result, out, objs, data, splits, kwargs, n_params, log, t0, rank)
     except CheckpointError as e:  # every checkpoint train() reads is the one to resume
         raise ArgumentError("train.resume", kwargs.get("resume"), str(e)) from None
+
+
+def finished_report(out, step: int, log=print) -> dict[str, Any] | None:
+    """The run's report.json when it is complete for ``step`` (the final stage is done), else None;
+    an empty or corrupt one is set aside with one line (the final stage then runs again)."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        done = report["train"]["steps"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        aside = set_aside(path, "unreadable")
+        log(f"{PROG}: {path} is unreadable ({type(e).__name__}); set aside as {aside.name}, writing it again")
+        return None
+    return report if done == step else None
+
+
+def _finish(cfg, result, out, objs, data, splits, kwargs, n_params, log, t0, rank) -> dict[str, Any]:
+    """The final stage: evaluation and report. A resumed run that finds its last checkpoint at
+    ``train.steps`` but no complete report (killed during the evaluation) finishes it here."""
     if result.extra.get("nothing_to_do"):
-        log(
-            f"{PROG}: {result.checkpoint} is already at step {result.step} >= "
-            f"train.steps={kwargs.get('steps')}; nothing to do (report.json left as it is)"
-        )
-        old = out / "report.json"
-        return (
-            json.loads(old.read_text()) if old.is_file() else {"name": cfg.get("name"), "nothing_to_do": True}
-        )
-    if result.start_step:
+        old = finished_report(out, result.step, log) if rank == 0 else {}
+        if old is not None:
+            log(
+                f"{PROG}: {result.checkpoint} is already at step {result.step} >= "
+                f"train.steps={kwargs.get('steps')}; nothing to do (report.json left as it is)"
+            )
+            return old
+        log(f"{PROG}: {result.checkpoint} is at step {result.step}; finishing the evaluation and report.json")
+    elif result.start_step:
         log(f"{PROG}: resumed from {result.extra['resumed_from']} at step {result.start_step}")
     last = result.losses[-int(kwargs.get("log_every", 100)) :]
     report: dict[str, Any] = {
@@ -243,7 +272,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log, splits)
     )
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_output(out / "report.json", json.dumps(report, indent=1, default=str))
     log(_summary(report))
     return report
 

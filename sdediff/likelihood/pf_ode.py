@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import odeint
+from ..errors import ArgumentError
 from ..lattice import dequantize, nats_to_bits_per_dim, to_lattice
 from ..models import as_model, convert
 from ..sde import SDE, coef_dtype
@@ -349,10 +351,19 @@ def log_likelihood(
         method, clock.end, dev, options, norm=per_sample_norm(with_delta=not fresh)
     )
     with torch.no_grad():
-        xs, deltas = torchdiffeq.odeint(
-            rhs, (x, delta0), ts, rtol=rtol, atol=atol, method=method, options=options
-        )
+        try:
+            xs, deltas = torchdiffeq.odeint(
+                rhs, (x, delta0), ts, rtol=rtol, atol=atol, method=method, options=options
+            )
+        except (ValueError, AssertionError, RuntimeError) as e:
+            # a step size or time that went NaN (the schedule's time check, torchdiffeq's dt underflow)
+            if not re.search(r"times must lie in|underflow|\bnan\b|\binf\b", str(e)):
+                raise
+            what = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            raise _non_finite(model, x, rtol, atol, t_eps, what) from None
     z, delta = xs[-1], deltas[-1]
+    if not bool(torch.isfinite(z).all() & torch.isfinite(delta).all()):  # once, after the solve
+        raise _non_finite(model, x, rtol, atol, t_eps, "the state or the log-density is NaN or inf")
     prior_lp = prior(z)
     if not torch.is_tensor(prior_lp) or prior_lp.shape != (B,):
         raise ValueError(
@@ -363,6 +374,34 @@ def log_likelihood(
         return LogLikelihood(prior_lp + delta, nfe, torch.zeros_like(prior_lp), z)
     stderr = delta.std(0) / math.sqrt(K) if K > 1 else torch.full_like(prior_lp, float("nan"))
     return LogLikelihood(prior_lp + delta.mean(0), nfe, stderr, z)
+
+
+def _non_finite(model, x: Tensor, rtol, atol, t_eps, what: str) -> ArgumentError:
+    """One line for a PF-ODE solve that went non-finite, naming the likeliest cause and its knob."""
+    head = f"the PF-ODE solve became non-finite ({what})"
+    floor = 10 * torch.finfo(x.dtype).eps
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    if params and not all(bool(torch.isfinite(p).all()) for p in params):
+        return ArgumentError(
+            "model", "non-finite weights", f"must have finite weights: {head}; use an intact checkpoint"
+        )
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if float(tol) < floor:
+            return ArgumentError(
+                name, tol, f"must be at least {floor:.0e} for {x.dtype} data: {head}; loosen {name}"
+            )
+    if float(t_eps) < 1e-9:
+        return ArgumentError(
+            "t_eps", t_eps, f"must not be that small: {head}; raise t_eps (the default is 1e-5)"
+        )
+    scale = float(x.detach().abs().max())
+    if scale > 1e6:
+        return ArgumentError(
+            "x",
+            f"max |x| = {scale:.3g}",
+            f"must be on the model's data scale: {head}; check the data's scaling",
+        )
+    return ArgumentError("t_eps", t_eps, f"gives {head}; check the model, raise t_eps or loosen rtol / atol")
 
 
 def bits_per_dim(

@@ -178,6 +178,16 @@ def _check_shape(shape, x_T):
             raise ValueError("sample: x_T must be a floating-point tensor of shape (batch, ...)")
         if shape is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"sample: shape {shape} does not match x_T's shape {tuple(x_T.shape)}")
+        fin = torch.isfinite(x_T)  # one check at entry, not per step
+        bad = ~(fin.flatten(1).all(1) if x_T.ndim > 1 else fin)
+        if bool(bad.any()):
+            raise ArgumentError(
+                "x_T",
+                "non-finite",
+                f"must be finite: {int(bad.sum())} of {len(x_T)} starting states hold NaN or inf (first at "
+                f"index {int(bad.nonzero()[0, 0])}); every sample from them would be NaN",
+                "sample",
+            )
     return shape
 
 

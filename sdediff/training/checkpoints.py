@@ -20,16 +20,41 @@ from .distributed import dist_env
 __all__ = ["RESUME_KEYS", "Checkpointer", "open_output", "restore", "failure"]
 
 
-def open_output(out_dir, resume, ckpt_every):
-    """``(out, loaded)``: the output directory (checked) and the checkpoint to resume (or ``None``)."""
+def open_output(out_dir, resume, ckpt_every, resume_fork=None, overwrite_later=False):
+    """``(out, loaded)``: the output directory (checked) and the checkpoint to resume (or ``None``).
+
+    Resuming never destroys: a checkpoint older than the newest one in ``out_dir`` is refused (the run
+    would overwrite the later ones) unless ``resume_fork`` names a new directory (the chosen checkpoint
+    is copied there and the run continues in it: ``out`` is then that directory) or ``overwrite_later``
+    says to replace them."""
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ArgumentError("out_dir", str(out), "must be a directory (it is a file); choose another path")
+    if not isinstance(overwrite_later, bool):
+        raise ArgumentError("train.overwrite_later", overwrite_later, "must be true or false")
+    if resume_fork is not None and resume in (False, None):
+        raise ArgumentError(
+            "train.resume_fork", str(resume_fork), "needs train.resume (the checkpoint to fork)"
+        )
     loaded = None
     if resume not in (False, None):
         if resume is True and out is None:
             raise ArgumentError("train.resume", True, "needs an out_dir to find the checkpoint in")
         loaded = _find_resume(out if resume is True else Path(resume), explicit=resume is not True)
+        if loaded is not None and resume_fork is not None:
+            return _fork(loaded, Path(resume_fork)), ckpt.load_checkpoint(_forked_path(loaded, resume_fork))
+        if loaded is not None and out is not None and not overwrite_later and resume is not True:
+            # (resume=true takes the newest intact checkpoint: anything later is damaged, not lost)
+            step = int(loaded[1]["step"])
+            later = [p.stem for p in ckpt.find_checkpoints(out) if _step_of(p) > step and _intact(p)]
+            if later:
+                raise ArgumentError(
+                    "train.resume",
+                    str(resume),
+                    f"is step {step}, but {out} holds later checkpoints ({', '.join(later)}) that this run "
+                    "would overwrite; continue the newest with train.resume=true, start a branch with "
+                    "train.resume_fork=<new out_dir>, or pass train.overwrite_later=true to replace them",
+                )
     elif out is not None and ckpt.find_checkpoints(out):
         raise ArgumentError(
             "out_dir",
@@ -103,6 +128,40 @@ class Checkpointer:
         )
         self.last_good = path
         return path
+
+
+def _intact(path: Path) -> bool:
+    try:
+        ckpt.load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
+
+
+def _forked_path(loaded, fork) -> Path:
+    return ckpt.checkpoint_dir(fork) / Path(loaded[1]["path"]).name
+
+
+def _fork(loaded, fork: Path) -> Path:
+    """Copy the chosen checkpoint (its two files, byte for byte) into the new run directory ``fork``."""
+    from ..outputs import atomic_write
+
+    if fork.exists() and not fork.is_dir():
+        raise ArgumentError("train.resume_fork", str(fork), "must be a directory (it is a file)")
+    if ckpt.find_checkpoints(fork):
+        raise ArgumentError(
+            "train.resume_fork", str(fork), "must be a new directory (it holds checkpoints of another run)"
+        )
+    src = Path(loaded[1]["path"])
+    dst = _forked_path(loaded, fork)
+    weights = src.with_name(str(loaded[1]["tensors"]["file"]))
+    atomic_write(dst.with_name(weights.name), weights.read_bytes())
+    atomic_write(dst, src.read_bytes())  # the JSON last: the commit marker
+    return fork
 
 
 def failure(what: str, step: int, last_good: Path | None) -> str:
@@ -200,6 +259,23 @@ def _config_diff(a: Any, b: Any, path: str = "model") -> str | None:
     return None
 
 
+#: train settings that say how to run, not what is trained (never reported as changed on resume)
+_NOT_SETTINGS = ("resume", "resume_fork", "overwrite_later", "progress", "tensorboard", "allow_config_change")
+
+
+def changed_settings(old_args: dict, new_args: dict, old_cfg: dict, new_cfg: dict) -> list[str]:
+    """``["lr 0.001 -> 0.002", ...]``: the training settings a resumed run changes (the stored config's
+    ``train`` node when both have one, else the run arguments kept in the checkpoint)."""
+    old, new = dict(old_args), dict(new_args)
+    if isinstance(old_cfg.get("train"), dict) and isinstance(new_cfg.get("train"), dict):
+        old, new = {**old, **old_cfg["train"]}, {**new, **new_cfg["train"]}
+    return [
+        f"{k} {old[k]!r} -> {new[k]!r}"
+        for k in sorted(set(old) & set(new))
+        if k not in _NOT_SETTINGS and old[k] != new[k]
+    ]
+
+
 #: the parts of a run's config that a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "sde", "loss")
 
@@ -270,13 +346,20 @@ def restore(
     if ema is not None:
         ema.module.load_state_dict(ema_t)
     opt.load_state_dict(opt_sd)
-    for key in ("batch_size", "seed", "world_size"):
-        if key in train_args and train_args[key] != run_args[key]:
-            warnings.warn(
-                f"resuming {path} with {key}={run_args[key]} (it was {train_args[key]}): the run will not "
-                "repeat an uninterrupted one exactly",
-                stacklevel=3,
-            )
+    changed = changed_settings(train_args, run_args, (meta.get("config") or {}), config or {})
+    if changed:
+        inexact = [
+            k for k in ("batch_size", "seed", "world_size") if any(c.startswith(k + " ") for c in changed)
+        ]
+        warnings.warn(
+            f"resuming {path} with changed settings: {', '.join(changed)}"
+            + (
+                f" ({', '.join(inexact)}: the run will not repeat an uninterrupted one exactly)"
+                if inexact
+                else ""
+            ),
+            stacklevel=3,
+        )
     if rng is None:  # another number of processes: fresh streams, distinct from the ones before
         noise.manual_seed(mix(run_args["seed"], rank, 1, step))
         torch.manual_seed(mix(run_args["seed"], rank, 2, step))

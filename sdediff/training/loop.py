@@ -144,6 +144,8 @@ def train(
     progress: bool = True,
     tensorboard: bool = True,
     allow_config_change: bool = False,
+    resume_fork: str | os.PathLike | None = None,
+    overwrite_later: bool = False,
     config: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
@@ -176,6 +178,10 @@ def train(
         resume: ``False`` (a fresh run; refuses an ``out_dir`` that already holds checkpoints),
             ``True`` (the newest intact checkpoint in ``out_dir``, or a fresh start when there is none
             yet), a run directory (its newest intact checkpoint) or a checkpoint file.
+        resume_fork: with ``resume``, a new directory: the chosen checkpoint is copied there and the run
+            continues in it (``out_dir``'s files are left alone); ``TrainResult.out_dir`` names it.
+        overwrite_later: resume a checkpoint older than ``out_dir``'s newest although the run will
+            overwrite (and rotate away) the later ones; without it (or ``resume_fork``) that is refused.
         allow_config_change: resume although the checkpoint's ``"model"``, ``"sde"`` or ``"loss"``
             config differs from this run's (the weights must still fit the model).
         config: JSON-able description of the run stored in checkpoints; its ``"model"``, ``"sde"`` and
@@ -225,7 +231,7 @@ def train(
         deterministic = dev.type == "cpu"
 
     batches = make_batches(data, batch_size, seed, rank, world, dev, dequantize)
-    out, loaded = open_output(out_dir, resume, ckpt_every)
+    out, loaded = open_output(out_dir, resume, ckpt_every, resume_fork, overwrite_later)
 
     # -- model, EMA, optimizer -------------------------------------------------------------------------
     shape = tuple(batches.get(0).shape[1:])

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import TrainingError
+from ..outputs import append_text, atomic_write, csv_text, set_aside
 from .checkpoints import failure
 
 if TYPE_CHECKING:
@@ -32,20 +34,22 @@ class MetricsLog:
         self.path = out_dir / "metrics.csv"
         keep = []
         if self.path.exists() and start_step > 0:  # drop rows an interrupted run logged past its checkpoint
-            with open(self.path, newline="") as fh:
-                keep = [
-                    r
-                    for r in csv.DictReader(fh)
-                    if r.get("step", "").isdigit() and int(r["step"]) <= start_step
-                ]
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRICS)
-            w.writeheader()
-            w.writerows({k: r.get(k, "") for k in METRICS} for r in keep)
-        os.replace(tmp, self.path)
-        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self._w = csv.DictWriter(self._fh, fieldnames=METRICS)
+            try:
+                with open(self.path, newline="", encoding="utf-8") as fh:
+                    keep = [
+                        r
+                        for r in csv.DictReader(fh)
+                        if (r.get("step") or "").isdigit() and int(r["step"]) <= start_step
+                    ]
+            except (UnicodeDecodeError, csv.Error, ValueError) as e:  # never blocks the checkpoints
+                aside = set_aside(self.path, "unreadable")
+                warnings.warn(
+                    f"{self.path} is unreadable ({type(e).__name__}); set aside as {aside.name}, and a new "
+                    "metrics.csv starts at the checkpoint's step",
+                    stacklevel=3,
+                )
+        atomic_write(self.path, csv_text(({k: r.get(k, "") for k in METRICS} for r in keep), METRICS))
+        self._w = _RowWriter(self.path)
         self._tb = None
         if use_tensorboard:
             try:
@@ -57,16 +61,27 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         self._w.writerow(row)
-        self._fh.flush()
         if self._tb is not None:
             for k in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s"):
                 if row.get(k) not in ("", None):
                     self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def close(self) -> None:
-        self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class _RowWriter:
+    """Appends one CSV row at a time through :func:`sdediff.outputs.append_text` (a failed write names
+    the file in one line; nothing is held open between rows)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def writerow(self, row: dict[str, Any]) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=METRICS).writerow(row)
+        append_text(self.path, buf.getvalue())
 
 
 class Window:

@@ -1,0 +1,128 @@
+"""The glue between the entry points and :mod:`sdediff.outputs`: one ``with command(PROG, cfg):`` per
+command takes the output directory's lock, stages its files as one atomic set, refuses unknown
+``+key=`` additions, and turns every I/O fault into one line and exit status 1 (bad input stays 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ArgumentError
+from ..outputs import lock_output, output_set
+from ._common import clean_errors
+
+__all__ = ["command", "io_fail", "check_added_keys", "closest", "route_run_dir"]
+
+
+def io_fail(prog: str, e: OSError) -> None:
+    """Print one line for an I/O fault and exit with status 1."""
+    from ..outputs import OutputError
+
+    if isinstance(e, OutputError):
+        line = str(e)
+    else:
+        where = e.filename if e.filename is not None else "an output"
+        line = f"cannot write {where}: {e.strerror or e}" + (f" [Errno {e.errno}]" if e.errno else "")
+    line = " ".join(line.split())
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _out_dir(cfg: DictConfig | None) -> Path | None:
+    if cfg is None:
+        return None
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if OmegaConf.is_missing(hc.runtime, "output_dir"):
+            return None
+        return Path(hc.runtime.output_dir)
+    except ValueError:  # composed without hydra's runtime (tests, library use): out_dir decides
+        return None
+
+
+@contextlib.contextmanager
+def command(prog: str, cfg: DictConfig | None) -> Iterator[Path | None]:
+    """The frame of a command's run: one-line errors (exit 2 for bad input, 1 for I/O faults), the
+    output directory's lock and its atomic output set. Yields the output directory (or None)."""
+    try:
+        with clean_errors(prog, cfg):
+            check_added_keys(cfg)
+            out = _out_dir(cfg) if int(os.environ.get("RANK", "0") or 0) == 0 else None
+            with lock_output(out, prog), output_set(out):
+                yield out
+    except FileNotFoundError:
+        raise  # clean_errors has reported it (never reached: it exits)
+    except OSError as e:
+        io_fail(prog, e)
+
+
+def closest(name: str, candidates) -> str | None:
+    """The candidate closest to ``name`` (difflib), or None."""
+    found = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def check_added_keys(cfg: DictConfig | None) -> None:
+    """Refuse ``+a.b=v`` on the command line where ``a`` is a settings node (neither it nor a node above
+    it has a ``_target_``: nothing would ever read the new key), naming the closest existing key.
+    ``+key`` into a node that builds an object passes a new keyword argument and stays allowed."""
+    if cfg is None:
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return
+    groups = _groups()
+    for text in task:
+        if not text.startswith("+") or text.startswith("++"):
+            continue
+        key, _, value = text[1:].partition("=")
+        if key in groups or "/" in key or key.startswith("hydra"):
+            continue  # a config group (+experiment=...) or hydra's own settings
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        parts = parent.split(".") if parent else []
+        ancestors = [OmegaConf.select(cfg, ".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        if not isinstance(node, DictConfig) or any(
+            isinstance(a, DictConfig) and "_target_" in a for a in ancestors
+        ):
+            continue  # the arguments of a constructor (it checks them itself)
+        known = [str(k) for k in node.keys() if k != leaf]
+        near = closest(leaf, known)
+        hint = f"did you mean {parent + '.' if parent else ''}{near}? " if near else ""
+        where = f"the {parent} settings" if parent else "the config"
+        raise ArgumentError(
+            key, value, f"is not a key of {where} and nothing would read it; {hint}remove the + addition"
+        )
+
+
+def _groups() -> set[str]:
+    from ._common import _groups as groups
+
+    return set(groups())
+
+
+def route_run_dir(argv: list[str]) -> list[str]:
+    """With ``out_dir=X`` on the command line (and no ``hydra.run.dir``), hydra's run directory is ``X``
+    and hydra writes no ``.hydra/`` there: nothing appears under ``outputs/<date>/<time>`` in the working
+    directory, and a second writer refused by the lock leaves the first one's files alone."""
+    if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+        return argv
+    if any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in argv):
+        return argv
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out_dir=")]
+    if not outs or outs[-1] in ("", "null") or Path(outs[-1].strip("'\"")).is_file():
+        return argv  # (a file: the command's own check says so in one line)
+    return [*argv, f"hydra.run.dir={outs[-1]}", "hydra.output_subdir=null"]
