@@ -49,3 +49,12 @@ def test_the_readme_figures_exist():
     assert figures, "the README shows the notebooks' figures"
     missing = [f for f in figures if not (README.parent / f).is_file()]
     assert not missing, f"run python notebooks/_build.py to write {missing}"
+
+
+def test_console_scripts_are_found_beside_the_interpreter_without_path(monkeypatch):
+    # /path/to/venv/bin/pytest without an activated venv: PATH does not name the venv's bin/
+    if not (Path(sys.executable).parent / "sdediff-train").exists():
+        pytest.skip("the console scripts are not installed beside this interpreter")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("sdediff-train") is None
+    assert installed("sdediff-train") == str(Path(sys.executable).parent / "sdediff-train")

@@ -536,9 +536,11 @@ def test_unknown_plus_keys_are_refused_with_the_closest_name():
 
 
 def test_out_dir_routes_hydras_run_dir():
-    assert route_run_dir(["oracle=gmm2d", "out_dir=/tmp/x"])[-2:] == [
+    assert route_run_dir(["oracle=gmm2d", "out_dir=/tmp/x"])[1:] == [
+        "out_dir=/tmp/x",
         "hydra.run.dir=/tmp/x",
         "hydra.output_subdir=null",
+        "hydra/job_logging=none",
     ]
     assert route_run_dir(["out_dir=/tmp/x", "hydra.run.dir=/y"]) == ["out_dir=/tmp/x", "hydra.run.dir=/y"]
     assert route_run_dir(["oracle=gmm2d"]) == ["oracle=gmm2d"]

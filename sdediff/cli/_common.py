@@ -318,9 +318,10 @@ def preflight(prog: str, config_name: str, argv: list[str] | None = None) -> Non
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if argv is None:  # the real command line: hydra's run directory follows out_dir= (issue 28)
-        from ._outputs import route_run_dir
+        from ._outputs import one_line_warnings, route_run_dir
 
         sys.argv[1:] = route_run_dir(sys.argv[1:])
+        one_line_warnings(prog)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = get_args_parser().parse_args(argv)

@@ -17,7 +17,7 @@ from ..errors import ArgumentError
 from ..outputs import lock_output, output_set
 from ._common import clean_errors
 
-__all__ = ["command", "io_fail", "check_added_keys", "closest", "route_run_dir"]
+__all__ = ["command", "io_fail", "check_added_keys", "closest", "route_run_dir", "one_line_warnings"]
 
 
 def io_fail(prog: str, e: OSError) -> None:
@@ -89,8 +89,8 @@ def check_added_keys(cfg: DictConfig | None) -> None:
         if not text.startswith("+") or text.startswith("++"):
             continue
         key, _, value = text[1:].partition("=")
-        if key in groups or "/" in key or key.startswith("hydra"):
-            continue  # a config group (+experiment=...) or hydra's own settings
+        if key in groups or "/" in key or key.startswith(("hydra", "train.")):
+            continue  # a config group (+experiment=...), hydra's settings, train (train_kwargs checks it)
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         parts = parent.split(".") if parent else []
@@ -116,8 +116,9 @@ def _groups() -> set[str]:
 
 def route_run_dir(argv: list[str]) -> list[str]:
     """With ``out_dir=X`` on the command line (and no ``hydra.run.dir``), hydra's run directory is ``X``
-    and hydra writes no ``.hydra/`` there: nothing appears under ``outputs/<date>/<time>`` in the working
-    directory, and a second writer refused by the lock leaves the first one's files alone."""
+    and hydra writes nothing there (no ``.hydra/``, no job log file: the lines go to the terminal only):
+    nothing appears under ``outputs/<date>/<time>`` in the working directory, and a command refused for
+    bad input or by another writer's lock leaves ``X`` exactly as it was."""
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return argv
     if any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in argv):
@@ -125,4 +126,17 @@ def route_run_dir(argv: list[str]) -> list[str]:
     outs = [a.split("=", 1)[1] for a in argv if a.startswith("out_dir=")]
     if not outs or outs[-1] in ("", "null") or Path(outs[-1].strip("'\"")).is_file():
         return argv  # (a file: the command's own check says so in one line)
-    return [*argv, f"hydra.run.dir={outs[-1]}", "hydra.output_subdir=null"]
+    if any(a.startswith("hydra/job_logging=") for a in argv):
+        return [*argv, f"hydra.run.dir={outs[-1]}", "hydra.output_subdir=null"]
+    return [*argv, f"hydra.run.dir={outs[-1]}", "hydra.output_subdir=null", "hydra/job_logging=none"]
+
+
+def one_line_warnings(prog: str) -> None:
+    """Show the library's warnings (a skipped damaged checkpoint, changed settings on resume, a
+    metrics.csv set aside) as one line each, ``<prog>: warning: <message>``, on stderr."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
