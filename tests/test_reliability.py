@@ -49,6 +49,7 @@ SET = {
     "sample": ("samples.npz", "samples.png"),
     "compare": ("compare.csv", "compare.png", "compare_samples.png"),
     "train": ("samples.npz", "samples.png", "report.json"),
+    "likelihood": ("likelihood.csv", "likelihood.json", "likelihood.png"),
 }
 
 
@@ -133,9 +134,32 @@ def _valid(name: str, data: bytes) -> bool:
 # ------------------------------------------------------------------------------------------------
 # fault injection: ENOSPC at the 1st, 2nd, ... k-th write
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cmd", ["sample", "compare"])
+def _likelihood_cfg(out, seed=0):
+    return _compose(
+        "oracle=gmm2d",
+        "n=16",
+        "elbo.n_t=2",
+        "progress=false",
+        f"seed={seed}",
+        f"out_dir={out}",
+        name="likelihood",
+    )
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "sample",
+        pytest.param("compare", marks=pytest.mark.slow),
+        pytest.param("likelihood", marks=pytest.mark.slow),
+    ],
+)
 def test_every_write_failing_leaves_the_old_set_or_the_new_one(cmd, tmp_path, monkeypatch, capsys):
-    cli, make = {"sample": (sample_cli, _sample_cfg), "compare": (compare_cli, _compare_cfg)}[cmd]
+    cli, make = {
+        "sample": (sample_cli, _sample_cfg),
+        "compare": (compare_cli, _compare_cfg),
+        "likelihood": (likelihood_cli, _likelihood_cfg),
+    }[cmd]
     out = tmp_path / "out"
     cli.run(make(out, seed=0))
     old = _snapshot(out)
@@ -160,7 +184,8 @@ def test_every_write_failing_leaves_the_old_set_or_the_new_one(cmd, tmp_path, mo
         outcomes.append("old set")
     cli.run(make(out, seed=1))  # no fault: the new complete set
     new = _snapshot(out)
-    assert all(new[n] != old[n] and _valid(n, new[n]) for n in SET[cmd] if not n.endswith(".csv"))
+    assert all(_valid(n, new[n]) for n in SET[cmd])
+    assert all(new[n] != old[n] for n in SET[cmd] if n.endswith((".npz", ".json")))  # seed=1: new data
     assert outcomes == ["old set"] * writes
 
 
@@ -235,7 +260,7 @@ def test_a_second_writer_is_refused_and_writes_nothing(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_concurrent_trainings_into_one_directory_exactly_one_runs(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "train.steps=1500", "train.log_every=500", f"out_dir={out}"]
+    args = [*TINY, "train.steps=600", "train.log_every=300", f"out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [
         subprocess.Popen(
@@ -254,7 +279,7 @@ def test_two_concurrent_trainings_into_one_directory_exactly_one_runs(tmp_path):
     loser = next(r for r in res if r[0] == 2)
     assert "is being written by sdediff-train" in loser[2] or "holds checkpoints of another run" in loser[2]
     winner_seed = next(s for s, r in zip((0, 1), res) if r[0] == 0)
-    assert json.loads((out / "report.json").read_text())["train"]["steps"] == 1500
+    assert json.loads((out / "report.json").read_text())["train"]["steps"] == 600
     assert load_checkpoint(out)[1]["train"]["seed"] == winner_seed
 
 
@@ -342,7 +367,7 @@ def test_a_kill_in_the_final_evaluation_is_finished_on_resume(tmp_path, monkeypa
 @pytest.mark.slow
 def test_sigterm_in_the_final_evaluation_then_resume(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "eval.n_samples=20000", "sampler.steps=400", f"out_dir={out}"]
+    args = [*TINY, "eval.n_samples=4000", "sampler.steps=200", f"out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sdediff.cli.train", *args]
     p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -567,6 +592,8 @@ def test_the_commands_leave_the_working_directory_alone(tmp_path):
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "did you mean pf_ode.rtol?" in r.stderr and not (tmp_path / "typo").exists()
+    r = subprocess.run([*base, "pf_ode.rtoll=1e-3"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "no such key in the config; did you mean pf_ode.rtol?" in r.stderr, r.stderr
     assert not (tmp_path / "outputs").exists()
 
 

@@ -270,7 +270,7 @@ def _groups() -> dict[str, list[str]]:
     }
 
 
-def _compose_error(e: BaseException, text: str) -> str:
+def _compose_error(e: BaseException, text: str, config_name: str | None = None) -> str:
     if isinstance(e, MissingConfigException) or "Could not find" in str(e):
         m = re.search(r"Could not find '([^']+)/([^']+)'", str(e))
         if m:
@@ -285,7 +285,10 @@ def _compose_error(e: BaseException, text: str) -> str:
         cause = e.__cause__
         why = str(cause).splitlines()[0] if cause is not None else "no such key"
         if "not in struct" in why or "ConfigKeyError" in type(cause).__name__ or "Key '" in why:
-            return f"{text}: no such key in the config; add a new one with +{text}"
+            from ._outputs import closest_key_hint
+
+            hint = closest_key_hint(config_name, text.split("=", 1)[0]) if config_name else ""
+            return f"{text}: no such key in the config; " + (hint or f"add a new one with +{text}")
         return f"{text}: {why}"
     if "Error parsing override" in first or "no viable alternative" in first or "mismatched" in first:
         detail = " ".join(str(e).splitlines()[1:2]) or first
@@ -361,7 +364,7 @@ def preflight(prog: str, config_name: str, argv: list[str] | None = None) -> Non
                     compose(name, overrides=args.overrides[:i], return_hydra_config=True)
                 except (HydraException, OmegaConfBaseException, ValueError) as e:
                     text = args.overrides[i - 1] if i else name
-                    fail(prog, _compose_error(e, text))
+                    fail(prog, _compose_error(e, text, name))
                 if i == len(args.overrides):
                     break
                 if i == 0:  # fast path: compose everything at once, stepping only on failure

@@ -72,6 +72,23 @@ def closest(name: str, candidates) -> str | None:
     return found[0] if found else None
 
 
+def closest_key_hint(config_name: str, key: str) -> str:
+    """``did you mean a.b?`` for an unknown dotted ``key`` of the config ``config_name`` (composed
+    without overrides, inside hydra's initialized config dir), or ``""``."""
+    from hydra import compose
+
+    parent, _, leaf = key.rpartition(".")
+    try:
+        cfg = compose(config_name)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    if not isinstance(node, DictConfig):
+        return ""
+    near = closest(leaf, [str(k) for k in node.keys()])
+    return f"did you mean {parent + '.' if parent else ''}{near}?" if near else ""
+
+
 def check_added_keys(cfg: DictConfig | None) -> None:
     """Refuse ``+a.b=v`` on the command line where ``a`` is a settings node (neither it nor a node above
     it has a ``_target_``: nothing would ever read the new key), naming the closest existing key.
