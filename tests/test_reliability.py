@@ -249,6 +249,9 @@ def test_a_second_writer_is_refused_and_writes_nothing(tmp_path, capsys):
                 cli.run(cfg)
             _one_line(capsys, 2, e, "is being written by sdediff-train", f"pid {holder.pid}")
             assert _snapshot(out) == before and list(out.iterdir()) == [out / outputs.LOCK_NAME]
+        with pytest.raises(outputs.OutputLocked, match=f"pid {holder.pid}"):  # the library too
+            train(_model(), _loss, _data(), steps=2, out_dir=out, **KW)
+        assert list(out.iterdir()) == [out / outputs.LOCK_NAME]
     finally:
         holder.kill()  # SIGKILL: no cleanup, the lock file stays behind
         holder.wait()

@@ -32,6 +32,7 @@ weights. It knows nothing of hydra; ``sdediff.cli.train`` builds its arguments f
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -49,6 +50,7 @@ from .. import checkpoint as ckpt
 from ..errors import ConfigError
 from ..lattice import dequantize_floats
 from ..models import Model
+from ..outputs import lock_output
 from .batches import make_batches, mix
 from .checkpoints import Checkpointer, open_output, restore
 from .distributed import dist_env, resolve_device, settle_gloo
@@ -111,9 +113,27 @@ class TrainResult:
         return self.ema if self.ema is not None else self.model
 
 
+def _owns_out_dir(fn):
+    """Run ``fn`` holding the lock of its ``out_dir`` (and of ``resume_fork``): one writer per output
+    directory (:func:`sdediff.outputs.lock_output`; re-entrant, so the commands that lock first share it).
+    Rank 0 only: the other processes of a distributed run write nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            if dist_env()[1] == 0:
+                for key in ("out_dir", "resume_fork"):
+                    if kwargs.get(key) is not None:
+                        stack.enter_context(lock_output(kwargs[key], "sdediff.train"))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
+@_owns_out_dir
 def train(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -174,7 +194,8 @@ def train(
         log_every: steps between log rows (the only host syncs of the loop).
         ckpt_every: steps between checkpoints (0: only at the end); needs ``out_dir``.
         keep_checkpoints: how many checkpoints to keep (``None``: all).
-        out_dir: where metrics.csv, tb/ and checkpoints/ go (``None``: write nothing).
+        out_dir: where metrics.csv, tb/ and checkpoints/ go (``None``: write nothing). Held for the call
+            with :func:`sdediff.outputs.lock_output`: another process writing there gets ``OutputLocked``.
         resume: ``False`` (a fresh run; refuses an ``out_dir`` that already holds checkpoints),
             ``True`` (the newest intact checkpoint in ``out_dir``, or a fresh start when there is none
             yet), a run directory (its newest intact checkpoint) or a checkpoint file.
