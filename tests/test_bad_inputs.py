@@ -368,7 +368,8 @@ CASES = [
     (
         "train",
         "loss.time_sampling=uniform",
-        r"loss\.time_sampling=uniform: no such key in the config; add a new one with \+loss\.time_sampling=uniform",
+        r"loss\.time_sampling=uniform: no such key in the config; did you mean loss\.time_sampler\? "
+        r"\(or add a new argument with \+loss\.time_sampling=uniform\)",
     ),
     (
         "train",

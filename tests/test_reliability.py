@@ -336,7 +336,21 @@ def test_changed_settings_on_resume_are_listed_in_one_line(tmp_path):
         )
     msgs = [str(w.message) for w in rec if "changed settings" in str(w.message)]
     assert len(msgs) == 1 and "\n" not in msgs[0], msgs
-    assert "lr 0.001 -> 0.002" in msgs[0] and "batch_size 16 -> 8" in msgs[0] and "steps 2 -> 4" in msgs[0]
+    assert "lr 0.001 -> 0.002" in msgs[0] and "batch_size 16 -> 8" in msgs[0]
+    assert "steps" not in msgs[0]  # more steps at a constant lr: the usual extension, not a change
+    with pytest.warns(
+        UserWarning, match=r"changed settings: batch_size 8 -> 16, lr_decay 'none' -> 'cosine', steps 4 -> 6"
+    ):
+        train(
+            _model(),
+            _loss,
+            _data(),
+            steps=6,
+            out_dir=run,
+            resume=True,
+            lr_decay="cosine",
+            **{**KW, "lr": 2e-3},
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -287,8 +287,8 @@ def _compose_error(e: BaseException, text: str, config_name: str | None = None) 
         if "not in struct" in why or "ConfigKeyError" in type(cause).__name__ or "Key '" in why:
             from ._outputs import closest_key_hint
 
-            hint = closest_key_hint(config_name, text.split("=", 1)[0]) if config_name else ""
-            return f"{text}: no such key in the config; " + (hint or f"add a new one with +{text}")
+            fix = closest_key_hint(config_name, text) if config_name else f"add a new one with +{text}"
+            return f"{text}: no such key in the config; {fix}"
         return f"{text}: {why}"
     if "Error parsing override" in first or "no viable alternative" in first or "mismatched" in first:
         detail = " ".join(str(e).splitlines()[1:2]) or first

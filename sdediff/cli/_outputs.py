@@ -72,21 +72,33 @@ def closest(name: str, candidates) -> str | None:
     return found[0] if found else None
 
 
-def closest_key_hint(config_name: str, key: str) -> str:
-    """``did you mean a.b?`` for an unknown dotted ``key`` of the config ``config_name`` (composed
-    without overrides, inside hydra's initialized config dir), or ``""``."""
+def closest_key_hint(config_name: str, text: str) -> str:
+    """What to do about the unknown key of the override ``text`` (``key=value``) in the config
+    ``config_name`` (composed without overrides, inside hydra's initialized config dir): ``did you mean
+    a.b?`` when a key of the same node is close (difflib), plus the ``+`` addition where the node builds an
+    object (a new keyword argument); else the ``+`` addition alone."""
     from hydra import compose
 
+    key = text.split("=", 1)[0]
+    plus = f"add a new one with +{text}"
     parent, _, leaf = key.rpartition(".")
     try:
         cfg = compose(config_name)
         node = OmegaConf.select(cfg, parent) if parent else cfg
     except Exception:  # noqa: BLE001 - only a hint
-        return ""
+        return plus
     if not isinstance(node, DictConfig):
-        return ""
+        return plus
     near = closest(leaf, [str(k) for k in node.keys()])
-    return f"did you mean {parent + '.' if parent else ''}{near}?" if near else ""
+    if not near:
+        return plus
+    hint = f"did you mean {parent + '.' if parent else ''}{near}?"
+    parts = parent.split(".") if parent else []
+    builds = any(
+        isinstance(n := OmegaConf.select(cfg, ".".join(parts[:i])), DictConfig) and "_target_" in n
+        for i in range(1, len(parts) + 1)
+    )
+    return f"{hint} (or add a new argument with +{text})" if builds else hint
 
 
 def check_added_keys(cfg: DictConfig | None) -> None:

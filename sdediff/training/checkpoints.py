@@ -269,10 +269,12 @@ def changed_settings(old_args: dict, new_args: dict, old_cfg: dict, new_cfg: dic
     old, new = dict(old_args), dict(new_args)
     if isinstance(old_cfg.get("train"), dict) and isinstance(new_cfg.get("train"), dict):
         old, new = {**old, **old_cfg["train"]}, {**new, **new_cfg["train"]}
+    # more steps with a constant learning rate is how a run is extended, not a change of its updates
+    extend = new.get("lr_decay", "none") == "none" and old.get("lr_decay", "none") == "none"
     return [
         f"{k} {old[k]!r} -> {new[k]!r}"
         for k in sorted(set(old) & set(new))
-        if k not in _NOT_SETTINGS and old[k] != new[k]
+        if k not in _NOT_SETTINGS and old[k] != new[k] and not (k == "steps" and extend)
     ]
 
 

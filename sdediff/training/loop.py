@@ -274,6 +274,12 @@ def train(
         "steps": steps,
         "lr": lr,
         "item_shape": list(shape),
+        # recorded so that a resume lists what it changes (checkpoints.changed_settings)
+        "lr_decay": lr_decay,
+        "warmup": warmup,
+        "grad_clip": grad_clip,
+        "ema_decay": ema_decay,
+        "weight_decay": weight_decay,
     }
     noise = torch.Generator(device=dev).manual_seed(mix(seed, rank, 1))
     torch.manual_seed(mix(seed, rank, 2))
