@@ -11,9 +11,11 @@ The config lives in the installed package (``sdediff.configs``, the repository's
 directory; ``out_dir=...`` or ``hydra.run.dir=...`` to choose): ``metrics.csv``, ``checkpoints/``,
 ``samples.png``/``samples.npz`` and ``report.json``. ``train.resume=<run dir or checkpoint>`` continues
 a run; ``out_dir=<run> train.resume=true`` is idempotent (a fresh start before the first checkpoint,
-"nothing to do" with report.json untouched once finished). Bad values stop the run before training
-with one line on stderr, ``sdediff-train: error: <key>=<value>: <what is allowed>``, and exit status 2;
-nothing is written then (not even hydra's run directory).
+"nothing to do" with report.json untouched once finished, and the evaluation and report finished when a run
+was killed during them: samples and report.json are one atomic output set, see :mod:`sdediff.outputs`).
+Bad values stop the run before training with one line on stderr, ``sdediff-train: error: <key>=<value>:
+<what is allowed>``, and exit status 2; nothing is written then (not even hydra's run directory). An I/O
+fault while writing (a full disk) is one line too, with exit status 1.
 """
 
 from __future__ import annotations
