@@ -146,7 +146,14 @@ def toy_metrics(out: Path, n: int, n_rms: int) -> dict:
                     refs[t_end] = ref
                 rms[(name_s, info.nfe)] = float((x - refs[t_end]).pow(2).mean().sqrt())
         model.float()
-    return {"rows": rows, "floor": floor, "radius": radius, "rms": rms, "sigma_data": model.sigma_data}
+    return {
+        "rows": rows,
+        "floor": floor,
+        "radius": radius,
+        "rms": rms,
+        "n_rms": n_rms,
+        "sigma_data": model.sigma_data,
+    }
 
 
 def digits_val_bpd(out: Path, n_val: int | None) -> tuple[float, float]:
@@ -183,13 +190,14 @@ def report(toy: dict, dig: dict, args) -> str:
         "`sdediff-train` with the experiment's defaults and `model.prediction=eps` or `edm` (same seed, "
         "same budget); edm's `sigma_data` is estimated from the training data at start-up.\n"
     )
-    L.append("## toy2d (the default job): samples from the same 10,000 prior draws\n")
+    L.append(f"## toy2d (the default job): samples from the same {args.n:,} prior draws\n")
     L.append(
-        "Squared sliced W2 (`sdediff-compare`'s) to 10,000 points of the test split's generator; far: "
-        f"samples farther than twice the data's radius; floor (two exact sets): "
+        f"Squared sliced W2 (`sdediff-compare`'s) to {args.n:,} points of the test split's generator; far: "
+        f"samples farther than twice the data's radius R = {toy['eps']['radius']:.2f} (max norm of the "
+        "training set), NaN counted; floor of SW2 (two exact sets): "
         f"{fmt(toy['eps']['floor'])}.\n"
     )
-    L.append("| sampler | NFE | SW2 eps | SW2 edm | far eps | far edm | max abs x eps | max abs x edm |")
+    L.append("| sampler | NFE | SW2 eps | SW2 edm | far eps | far edm | max norm eps | max norm edm |")
     L.append("|---|---|---|---|---|---|---|---|")
     for re_, rd in zip(toy["eps"]["rows"], toy["edm"]["rows"]):
         L.append(
@@ -218,7 +226,7 @@ def report(toy: dict, dig: dict, args) -> str:
     L.append("")
     L.append(
         "Low-NFE error of the trained networks: RMS per dimension to a tight dopri5 solve (rtol = atol = "
-        "1e-7) from the same 2,000 draws, float64:\n"
+        f"1e-7) from the same {toy['eps']['n_rms']:,} draws, float64:\n"
     )
     L.append("| sampler | NFE | eps | edm |")
     L.append("|---|---|---|---|")
@@ -257,6 +265,7 @@ def main() -> None:
     if args.quick:
         args.toy_steps, args.digits_steps = 300, 200
     n, n_rms = (2000, 300) if args.quick else (10000, 2000)
+    args.n = n
     runs = Path(args.runs) / ("quick" if args.quick else "full")
     toy, dig = {}, {}
     for kind in KINDS:

@@ -329,3 +329,20 @@ def test_bad_sigma_data_on_the_command_line_is_one_line(tmp_path, capsys, value)
     err = capsys.readouterr().err.strip()
     assert err.startswith("sdediff-train: error: model.sigma_data=") and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_edm_is_the_experiments_default_and_eps_one_override_away():
+    from sdediff.cli._common import build
+
+    for exp in ("toy2d", "digits"):
+        cfg = _compose(f"experiment={exp}")
+        assert cfg.model.prediction == "edm" and cfg.model.sigma_data is None
+    model = build(_compose("data.n=256"))["model"]
+    assert model.prediction == "edm" and model.sigma_data == data_sigma(
+        torch.as_tensor(sd.data.as_tensor(sd.data.toy2d_dataset("eight_gaussians", 256, seed=0)))
+    )
+    eps = build(_compose("data.n=256", "model.prediction=eps"))["model"]
+    assert eps.prediction == "eps" and eps.sigma_data is None
+    # the same initial weights either way (the data is read before the model's seed when estimating)
+    for p, q in zip(model.parameters(), eps.parameters()):
+        assert torch.equal(p, q)
