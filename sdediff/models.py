@@ -6,22 +6,42 @@ The four parameterisations are tied together by the schedule's (alpha, sigma) at
 
 and converted by the one table of :mod:`sdediff.parameterization`.
 
-A :class:`Model` declares one of ``"eps"``, ``"x0"``, ``"score"``, ``"v"``; everything else asks it
-for the kind it needs (``model.eps(x, t, sde)``, ``model.x0(...)``, ...). A bare callable passed where a
-model is expected is taken to be an eps-predictor.
+A :class:`Model` declares one of ``"eps"``, ``"x0"``, ``"score"``, ``"v"`` or the preconditioned
+``"edm"`` (Karras et al. 2022: ``x0 = c_skip x + c_out net(c_in x, c_noise)``, with the data's standard
+deviation ``sigma_data``; see :mod:`sdediff.parameterization`); everything else asks it for the kind it
+needs (``model.eps(x, t, sde)``, ``model.x0(...)``, ``model.predict(x, t, sde, kind)``). A bare
+callable passed where a model is expected is taken to be an eps-predictor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .parameterization import PREDICTIONS, check_kind, convert
+from .errors import ArgumentError
+from .parameterization import KINDS, PRECONDITIONED, PREDICTIONS, check_kind, check_sigma_data, convert
 from .sde import SDE, append_dims, coef_dtype
 
-__all__ = ["Model", "ClippedModel", "as_model", "convert", "raw_net", "PREDICTIONS"]
+__all__ = [
+    "Model",
+    "ClippedModel",
+    "as_model",
+    "convert",
+    "raw_net",
+    "data_sigma",
+    "PREDICTIONS",
+    "KINDS",
+    "C_NOISE",
+]
+
+#: what :class:`Model` passes to the net as its second argument: the time itself, the log-SNR
+#: lambda(t), or EDM's 1/4 log sigma generalised to 1/4 log(sigma/alpha) = -lambda/8
+C_NOISE = ("t", "log_snr", "log_sigma")
+#: |lambda| is clipped here for the net's noise input (sigma = 0 at t = 0 gives lambda = inf)
+LAMBDA_CLIP = 40.0
 
 
 class Model(nn.Module):
@@ -30,18 +50,43 @@ class Model(nn.Module):
     Args:
         net: an ``nn.Module`` or any callable taking the state ``x`` of shape ``(B, ...)`` and the
             continuous times ``t`` of shape ``(B,)`` (in x's dtype) and returning a tensor like ``x``.
-        prediction: what ``net`` predicts: ``"eps"``, ``"x0"``, ``"score"`` or ``"v"``.
+        prediction: what ``net`` predicts: ``"eps"``, ``"x0"``, ``"score"``, ``"v"``, or ``"edm"``: the
+            preconditioned residual ``F`` of ``x0 = c_skip x + c_out F(c_in x, c_noise)`` with
+            ``r^2 = alpha^2 sigma_data^2 + sigma^2``, ``c_skip = alpha sigma_data^2 / r^2``,
+            ``c_out = sigma sigma_data / r``, ``c_in = 1 / r`` (EDM's at alpha = 1). A zero net is then the
+            exact denoiser of Gaussian data with standard deviation ``sigma_data``, so the model stays
+            linear in x wherever the net has learnt nothing (no ODE trajectory is ejected from regions the
+            net never saw).
         learn_variance: the net also outputs improved DDPM's variance interpolation ``v``: it returns
             ``cat([prediction, v], dim=1)`` (twice x's size along dim 1, as the nets' ``learn_variance``
             and diffusers' ``learned_range`` models do). Every prediction method sees the first half;
             :meth:`predict_with_v` returns both (see :mod:`sdediff.variance`).
+        sigma_data: the data's standard deviation (per dimension, a number > 0); required for
+            ``prediction="edm"`` (:func:`data_sigma` estimates it from training data), stored (and
+            unused) otherwise.
+        c_noise: the net's second argument: ``"t"`` (the time as given, default: the nets' own
+            ``time_input`` then decides between t and log-SNR features, the same under every
+            prediction kind), ``"log_snr"`` (lambda(t), clipped to +-40) or ``"log_sigma"`` (EDM's
+            ``1/4 log sigma`` as ``1/4 log(sigma/alpha) = -lambda/8``, for nets written for EDM).
+
+    :meth:`forward` is the bare net call on the inputs as given; :meth:`predict` (and :meth:`eps`,
+    :meth:`x0`, ...) apply the input map (``c_in``, ``c_noise``) and the output conversion.
     """
 
     def __init__(
-        self, net: Callable[[Tensor, Tensor], Tensor], prediction: str = "eps", learn_variance: bool = False
+        self,
+        net: Callable[[Tensor, Tensor], Tensor],
+        prediction: str = "eps",
+        learn_variance: bool = False,
+        sigma_data: float | None = None,
+        c_noise: str = "t",
     ):
         super().__init__()
         check_kind(prediction)
+        if prediction == PRECONDITIONED or sigma_data is not None:
+            sigma_data = check_sigma_data(sigma_data, "Model")
+        if c_noise not in C_NOISE:
+            raise ArgumentError("c_noise", c_noise, f"must be one of {C_NOISE}", "Model")
         if not isinstance(learn_variance, bool):
             raise TypeError(f"learn_variance must be True or False, got {learn_variance!r}")
         net_lv = getattr(net, "learn_variance", None)
@@ -60,9 +105,48 @@ class Model(nn.Module):
         else:
             self._fn = net
         self.prediction = prediction
+        self.sigma_data, self.c_noise = sigma_data, c_noise
 
     def extra_repr(self) -> str:
-        return f"prediction={self.prediction!r}" + (", learn_variance=True" if self.learn_variance else "")
+        extra = f", sigma_data={self.sigma_data:g}" if self.sigma_data is not None else ""
+        extra += f", c_noise={self.c_noise!r}" if self.c_noise != "t" else ""
+        return (
+            f"prediction={self.prediction!r}"
+            + extra
+            + (", learn_variance=True" if self.learn_variance else "")
+        )
+
+    @property
+    def bare(self) -> bool:
+        """Whether the net is called on ``(x, t)`` unchanged (no input scaling, no noise feature): then the
+        samplers may call it directly (:func:`raw_net`)."""
+        return self.prediction in PREDICTIONS and self.c_noise == "t"
+
+    def with_net(self, net) -> Model:
+        """A :class:`Model` like this one (kind, variance output, sigma_data, c_noise) around another net,
+        e.g. ``model.with_net(DDP(model.net))`` or ``model.with_net(torch.compile(model.net))``."""
+        return Model(net, self.prediction, self.learn_variance, self.sigma_data, self.c_noise)
+
+    def net_inputs(self, x: Tensor, t, sde: SDE) -> tuple[Tensor, Tensor]:
+        """``(c_in x, c_noise)``: what the net is called on at state ``x`` and times ``t`` (elementwise on
+        x's device, no host syncs; schedule values in float64, the net's inputs in x's dtype)."""
+        tb = _batch_times(t, x)
+        if self.bare:
+            return x, tb
+        t64 = torch.as_tensor(t, device=x.device)
+        if t64.ndim == 0:
+            t64 = t64.expand(x.shape[0])
+        x_in = x
+        if self.prediction == PRECONDITIONED:
+            alpha, sigma = sde.marginal(t64)
+            d = self.sigma_data
+            c_in = torch.rsqrt(alpha * alpha * (d * d) + sigma * sigma)
+            x_in = (x * append_dims(c_in.to(x.device, coef_dtype(x)), x.ndim)).to(x.dtype)
+        if self.c_noise == "t":
+            return x_in, tb
+        lam = sde.schedule.log_snr(t64).clamp(-LAMBDA_CLIP, LAMBDA_CLIP)
+        c = lam if self.c_noise == "log_snr" else lam * -0.125
+        return x_in, c.to(x.device, tb.dtype)
 
     def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         net = self.net if "net" in self._modules else self._fn
@@ -83,12 +167,13 @@ class Model(nn.Module):
     def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
         """``(prediction of kind, v)`` from one network call; ``v`` is None unless :attr:`learn_variance`."""
         check_kind(kind, "kind")
-        out, v = self._call_full(x, _batch_times(t, x))
+        out, v = self._call_full(*self.net_inputs(x, t, sde))
         return self._convert(out, x, t, sde, kind), v
 
     def forward(self, x: Tensor, t, with_v: bool = False):
-        """The raw network output (of kind :attr:`prediction`) for per-sample times; with ``with_v``
-        the pair ``(prediction, v)`` (``v`` None unless :attr:`learn_variance`)."""
+        """The bare network output (of kind :attr:`prediction`) on the inputs as given (per-sample times,
+        or the net inputs of :meth:`net_inputs` for a preconditioned model); with ``with_v`` the pair
+        ``(prediction, v)`` (``v`` None unless :attr:`learn_variance`)."""
         if with_v:
             return self._call_full(x, _batch_times(t, x))
         return self._call_net(x, _batch_times(t, x))
@@ -96,10 +181,10 @@ class Model(nn.Module):
     def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
         """The prediction of kind ``kind`` at ``(x, t)`` under ``sde``."""
         check_kind(kind, "kind")
-        return self._convert(self._call_net(x, _batch_times(t, x)), x, t, sde, kind)
+        return self._convert(self._call_net(*self.net_inputs(x, t, sde)), x, t, sde, kind)
 
     def _convert(self, out: Tensor, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
-        return _to_kind(out, self.prediction, x, t, sde, kind)
+        return _to_kind(out, self.prediction, x, t, sde, kind, self.sigma_data)
 
     def eps(self, x: Tensor, t, sde: SDE) -> Tensor:
         return self.predict(x, t, sde, "eps")
@@ -114,7 +199,7 @@ class Model(nn.Module):
         return self.predict(x, t, sde, "v")
 
 
-def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
+def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str, sigma_data=None) -> Tensor:
     """``out`` (a prediction of kind ``source`` at ``(x, t)``) as kind ``kind``."""
     if kind == source:
         return out
@@ -126,7 +211,7 @@ def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str) -> Ten
     dt = coef_dtype(x)
     alpha = append_dims(alpha.to(x.device, dt), x.ndim)
     sigma = append_dims(sigma.to(x.device, dt), x.ndim)
-    return convert(out, x, alpha, sigma, source, kind)
+    return convert(out, x, alpha, sigma, source, kind, sigma_data=sigma_data)
 
 
 def _batch_times(t, x: Tensor) -> Tensor:
@@ -161,7 +246,7 @@ class _Wrapped(Model):
     the inner model's native prediction (its variance half split off)."""
 
     def __init__(self, wrapper, inner: Model):
-        super().__init__(wrapper, inner.prediction)
+        super().__init__(wrapper, inner.prediction, sigma_data=inner.sigma_data, c_noise=inner.c_noise)
         self.learn_variance = inner.learn_variance
 
     def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -194,6 +279,7 @@ class ClippedModel(Model):
         self.inner = model
         self.prediction = model.prediction
         self.learn_variance = model.learn_variance
+        self.sigma_data, self.c_noise = model.sigma_data, model.c_noise
         self.sde = sde
         if thresholding is not None:
             ratio, max_value = (float(v) for v in thresholding)
@@ -226,11 +312,12 @@ class ClippedModel(Model):
     def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
         check_kind(kind, "kind")
         x0, v = self.inner.predict_with_v(x, t, sde, "x0")
-        return _to_kind(self.clip(x0), "x0", x, t, sde, kind), v
+        return _to_kind(self.clip(x0), "x0", x, t, sde, kind, self.sigma_data), v
 
     def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
         check_kind(kind, "kind")
-        return _to_kind(self.clip(self.inner.predict(x, t, sde, "x0")), "x0", x, t, sde, kind)
+        x0 = self.clip(self.inner.predict(x, t, sde, "x0"))
+        return _to_kind(x0, "x0", x, t, sde, kind, self.sigma_data)
 
     def forward(self, x: Tensor, t, with_v: bool = False):
         out, v = self.predict_with_v(x, t, self.sde, self.prediction)
@@ -240,7 +327,34 @@ class ClippedModel(Model):
 def raw_net(model: Model):
     """The bare network call ``net(x, t)`` of a plain :class:`Model`, for samplers that fold the
     prediction-kind conversion into precomputed step coefficients; ``None`` when a subclass overrides
-    ``predict`` or ``forward``, whose behaviour must then be honoured through :meth:`Model.predict`."""
-    if type(model).predict is Model.predict and type(model).forward is Model.forward:
+    ``predict`` or ``forward``, or when the net's inputs are not ``(x, t)`` themselves (a preconditioned
+    ``"edm"`` model, a ``c_noise`` other than ``"t"``): its behaviour must then be honoured through
+    :meth:`Model.predict` (the samplers' evaluator asks it for x0 at float64 times, elementwise, and
+    folds the x0 kind into its coefficients)."""
+    if type(model).predict is Model.predict and type(model).forward is Model.forward and model.bare:
         return model._call_net
     return None
+
+
+def data_sigma(x: Tensor, dequantize: bool = False) -> float:
+    """The data's standard deviation for ``Model(..., prediction="edm", sigma_data=...)``: the square
+    root of the per-dimension variance averaged over dimensions, ``sqrt(mean_j Var x_j)`` (float64).
+
+    ``dequantize=True``: ``x`` holds 8-bit values on the lattice ``k / 127.5 - 1`` that training replaces
+    by ``2 (k + u) / 256 - 1`` with ``u ~ U[0, 1)``; their exact variance ``(2/256)^2 (Var k + 1/12)``
+    is used (no random draw, so a resumed run computes the same number)."""
+    x = torch.as_tensor(x)
+    if x.ndim < 1 or x.shape[0] < 2:
+        raise ArgumentError("data", tuple(x.shape), "must hold at least 2 items to estimate sigma_data")
+    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ArgumentError("data", "non-finite", "must be finite (NaN or inf found) to estimate sigma_data")
+    if dequantize:
+        k = (x + 1.0) * 127.5
+        var = (2.0 / 256.0) ** 2 * (k.var(0, unbiased=False) + 1.0 / 12.0)
+    else:
+        var = x.var(0, unbiased=False)
+    s = math.sqrt(float(var.mean()))
+    if not s > 0.0:
+        raise ArgumentError("data", "constant", "must vary to estimate sigma_data (every item is equal)")
+    return s

@@ -334,7 +334,12 @@ CASES = [
     (
         "train",
         "model.prediction=noise",
-        r"model\.prediction=noise: must be one of \('eps', 'x0', 'score', 'v'\)",
+        r"model\.prediction=noise: must be one of \('eps', 'x0', 'score', 'v', 'edm'\)",
+    ),
+    (
+        "train",
+        "model.prediction=edm model.sigma_data=-1",
+        r"model\.sigma_data=-1(\.0)?: must be a finite number > 0 for prediction='edm' .*",
     ),
     ("train", "model.net.hidden=0", r"model\.net\.hidden=0: must be a positive integer"),
     ("train", "model.net.depth=-1", r"model\.net\.depth=-1: must be a non-negative integer"),

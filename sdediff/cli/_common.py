@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..checkpoint import CheckpointError, check_targets
@@ -49,6 +49,8 @@ __all__ = [
     "build_from_checkpoint",
     "check_sampler",
     "check_model_fits",
+    "needs_sigma_data",
+    "fill_sigma_data",
     "check_seed",
     "check_out_dir",
     "instantiate_at",
@@ -486,6 +488,9 @@ def build(cfg: DictConfig, *, data: bool = True) -> dict[str, Any]:
     seed = check_seed(cfg.get("seed", 0))
     out: dict[str, Any] = {}
     out["sde"] = instantiate_at(cfg.sde, "sde")
+    if data and needs_sigma_data(cfg):  # before the seed: the model's initialisation stays the same
+        out["data"] = instantiate_at(cfg.data, "data")
+        fill_sigma_data(cfg, out["data"])
     torch.manual_seed(seed)
     out["model"] = instantiate_at(cfg.model, "model")
     has_loss = "loss" in cfg and cfg.loss is not None
@@ -501,7 +506,8 @@ def build(cfg: DictConfig, *, data: bool = True) -> dict[str, Any]:
         )
     out["sampler"] = instantiate_at(cfg.sampler, "sampler") if cfg.get("sampler") is not None else None
     if data:
-        out["data"] = instantiate_at(cfg.data, "data")
+        if "data" not in out:
+            out["data"] = instantiate_at(cfg.data, "data")
         from ..data import as_tensor
 
         x = as_tensor(out["data"])
@@ -526,6 +532,38 @@ def build(cfg: DictConfig, *, data: bool = True) -> dict[str, Any]:
             lv = bool(getattr(out["model"], "learn_variance", False))
             check_sampler(out["sampler"], out["sde"], tuple(x.shape[1:]), lv)
     return out
+
+
+def needs_sigma_data(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` is a preconditioned (``prediction: edm``) model whose ``sigma_data`` is
+    null: then it is estimated from the training data at start-up (:func:`fill_sigma_data`)."""
+    model = cfg.get("model")
+    return (
+        isinstance(model, DictConfig)
+        and model.get("prediction") == "edm"
+        and model.get("sigma_data", None) is None
+    )
+
+
+def fill_sigma_data(cfg: DictConfig, data) -> float:
+    """Write the training data's standard deviation (:func:`sdediff.models.data_sigma`: the per-dimension
+    variance averaged over dimensions, of the dequantized data when ``train.dequantize``) into
+    ``cfg.model.sigma_data``, so that the run's stored config (and every checkpoint) holds the number a
+    resumed run is checked against; returns it."""
+    from ..data import as_tensor
+    from ..models import data_sigma
+
+    x = as_tensor(data)
+    deq = bool(OmegaConf.select(cfg, "train.dequantize", default=False))
+    try:
+        value = data_sigma(x, dequantize=deq)
+    except ArgumentError as e:
+        raise ArgumentError(
+            "model.sigma_data", None, f"cannot be estimated: the training data {e.allowed}; set a number"
+        ) from None
+    with open_dict(cfg):
+        cfg.model.sigma_data = value
+    return value
 
 
 def check_model_fits(model, x, cfg: DictConfig | None = None) -> None:

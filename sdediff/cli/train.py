@@ -43,6 +43,7 @@ from ._common import (
     check_seed,
     config_dir,
     instantiate_at,
+    needs_sigma_data,
     output_dir,
     preflight,
     run_logger,
@@ -203,8 +204,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     validate(**{k: v for k, v in kwargs.items() if k in checked}, world_size=world)
     _check_eval(cfg.eval)
     out = output_dir(cfg)
-    objs = build(cfg)
+    estimated = needs_sigma_data(cfg)
+    objs = build(cfg)  # fills model.sigma_data from the training data when it is null (prediction=edm)
     model, data = objs["model"], objs["data"]
+    if estimated:
+        log(f"{PROG}: model.sigma_data={model.sigma_data:.6g} (estimated from the training data)")
     splits = eval_data(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(

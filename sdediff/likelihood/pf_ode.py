@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import odeint
 from ..errors import ArgumentError
 from ..lattice import dequantize, nats_to_bits_per_dim, to_lattice
-from ..models import as_model, convert
+from ..models import as_model
 from ..sde import SDE, coef_dtype
 from ._common import (
     _check_batch,
@@ -282,7 +282,7 @@ def log_likelihood(
     B, event = x.shape[0], x.shape[1:]
     D = x[0].numel()
     dev, cdt = x.device, coef_dtype(x)
-    sch, prediction = sde.schedule, model.prediction
+    sch = sde.schedule
 
     # probes v: (K, B, ...), probe k of sample b at [k, b]; v_norm2 is the linear part's v^T v: 1 for a basis
     # vector, D for a random probe (exact for Rademacher, the expectation for Gaussian: less noise)
@@ -312,15 +312,12 @@ def log_likelihood(
             if mode == "replicate":
                 xr = xr.repeat(K, *([1] * len(event)))  # row k * B + b is sample b
             xr.requires_grad_(True)
-            eps = model(xr, t)
+            eps = model.predict(xr, t, sde, "eps")  # the model's own input map and conversion (any kind)
             if eps.shape != xr.shape:
                 raise ValueError(
                     f"the model's output has shape {tuple(eps.shape)}, expected the state's "
                     f"{tuple(xr.shape)}: does x match what the model expects?"
                 )
-            if prediction != "eps":
-                alpha = torch.exp(sch.log_alpha(t)).to(dev, cdt)
-                eps = convert(eps, xr, alpha, torch.exp(log_sigma).to(dev, cdt), prediction, "eps")
             if mode == "batched":
                 (vjp,) = torch.autograd.grad(eps, xr, grad_outputs=v, is_grads_batched=True)
             else:

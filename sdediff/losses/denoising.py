@@ -215,11 +215,12 @@ class DiffusionLoss:
         alpha64, sigma64 = self.sde.marginal(t)
         alpha = append_dims(alpha64.to(x0.device, work), x0.ndim)
         sigma = append_dims(sigma64.to(x0.device, work), x0.ndim)
-        sq = (pred - truth(space, x0_w, eps_w, alpha, sigma)).pow(2).flatten(1)
+        sd_ = self._sigma_data = getattr(model, "sigma_data", None)  # the edm kind's sigma_data
+        sq = (pred - truth(space, x0_w, eps_w, alpha, sigma, sigma_data=sd_)).pow(2).flatten(1)
         err = sq.sum(1) if self.reduction == "sum" else sq.mean(1)
         coef = self.eps_weight(t)
         if not self.weighting.compared_space:
-            coef = coef * mse_factor(space, alpha64.to(t.device), sigma64.to(t.device))
+            coef = coef * mse_factor(space, alpha64.to(t.device), sigma64.to(t.device), sigma_data=sd_)
         out = coef.to(work) * err
         return self._finish(out, t, pred, xt_w, x0_w, alpha, sigma, space, sq.shape[1])
 

@@ -120,7 +120,7 @@ class VLBLoss(DiffusionLoss):
         const = self._on(self._const, t.device)[idx] * (D if self.reduction == "sum" else 1.0)
         out = out + const.to(out.dtype)
         if self.decoder == "discretized":
-            x0_hat = convert(pred, xt, alpha, sigma, space, "x0")
+            x0_hat = convert(pred, xt, alpha, sigma, space, "x0", sigma_data=self._sigma_data)
             std = math.sqrt(self._decoder_var)
             nll = -discretized_gaussian_log_prob(x0, x0_hat, std, 1.0 / 255, -1.0, 1.0, reduce=False).flatten(
                 1
