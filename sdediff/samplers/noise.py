@@ -6,11 +6,14 @@ of k-diffusion) run from ``s_from`` down to ``s_to``. The sampler's ``noise`` op
 
 * ``"generator"`` (default): ``torch.randn`` from the caller's ``generator``, one tensor per noisy step,
   in step order (the same seed gives the same samples);
-* ``"brownian"``: increments ``(W(s_from) - W(s_to)) / sqrt(s_from - s_to)`` of one Brownian path in
-  sigma-space (``torchsde.BrownianInterval``, seeded from ``generator``), so that the same seed gives
-  paths that agree across step counts (k-diffusion's ``BrownianTreeNoiseSampler``);
+* ``"brownian"``: normalised increments ``(W(u_from) - W(u_to)) / sqrt(u_from - u_to)`` of one Brownian
+  path in ``u = log(sigma / alpha)`` (seeded from ``generator``; k-diffusion runs its path in sigma itself,
+  which puts nearly all of the path's time at the noisiest levels and makes torchsde's tree recurse
+  without end on fine grids near sigma = 0), so that the same seed gives paths that agree across step
+  counts (``torchsde.BrownianTree``, as k-diffusion's
+  ``BrownianTreeNoiseSampler``);
 * any callable ``noise(x, s_from, s_to) -> Tensor`` (k-diffusion's ``noise_sampler`` signature): e.g.
-  recorded draws, or the basis columns that :func:`sdediff.oracle.sampler_law` injects to obtain a
+  recorded draws, or the basis columns that :func:`sdediff.samplers.sampler_law` injects to obtain a
   sampler's exact output law.
 
 The Brownian source's entropy is drawn from ``generator`` once, before the loop.
@@ -62,26 +65,26 @@ def _brownian(x: Tensor, generator, levels: list[float]):
         import torchsde
     except ImportError as e:  # pragma: no cover - torchsde is a dependency
         raise ArgumentError("noise", "brownian", "needs torchsde (pip install torchsde)") from e
-    pos = [s for s in levels if s > 0 and math.isfinite(s)]
+    pos = [math.log(s) for s in levels if s > 0 and math.isfinite(s)]
     if not pos:
         return lambda like, s_from, s_to: torch.zeros_like(like)
     lo, hi = min(pos), max(pos)
-    if not hi > lo:
-        hi = lo * (1 + 1e-6) + 1e-12
+    pad = 1e-6 * max(hi - lo, 1.0)  # the tree rounds its ends: queries stay strictly inside
+    lo, hi = lo - pad, hi + pad
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    bm = torchsde.BrownianInterval(
-        t0=lo,
-        t1=hi,
-        size=tuple(x.shape),
-        dtype=x.dtype,
-        device=x.device,
+    # torchsde.BrownianTree (as k-diffusion): the same seed gives the same path whatever the queries
+    # (a BrownianInterval's path depends on the order of its queries)
+    bm = torchsde.BrownianTree(
+        lo,
+        torch.zeros(tuple(x.shape), dtype=x.dtype, device=x.device),
+        hi,
         entropy=seed,
-        tol=1e-7 * (hi - lo),
-        levy_area_approximation="none",
+        tol=1e-9 * (hi - lo),
     )
 
     def draw(like: Tensor, s_from: float, s_to: float) -> Tensor:
-        a, b = sorted((min(max(s_from, lo), hi), min(max(s_to, lo), hi)))
+        u = [math.log(s) if s > 0 else -math.inf for s in (s_from, s_to)]
+        a, b = sorted(min(max(v, lo + pad), hi - pad) for v in u)
         if not b > a:
             return torch.zeros_like(like)
         return bm(a, b).to(like.dtype) / math.sqrt(b - a)

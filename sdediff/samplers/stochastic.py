@@ -63,6 +63,7 @@ from ..sde import SDE, coef_dtype
 from .base import declare, planned, setup
 from .dpm import _C, _G1, _G2, _G3, _H1, _H2, _H3, _O, _R, _X, _lagrange_integrals, _orders, zero_weights
 from .noise import check_noise, noise_source
+from .posterior import ends_at_zero
 
 __all__ = ["dpm_solver_sde", "edm", "euler_ancestral", "dpmpp_2s_ancestral"]
 
@@ -522,7 +523,7 @@ def _eta_or_noise_zero(options) -> bool:
     return options.get("eta", 1.0) == 0 or options.get("s_noise", 1.0) == 0
 
 
-@declare(steps=100, deterministic=_eta_or_noise_zero)
+@declare(steps=100, t_min=ends_at_zero, deterministic=_eta_or_noise_zero)
 def euler_ancestral(
     model,
     sde: SDE,
