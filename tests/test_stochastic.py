@@ -126,7 +126,7 @@ def test_euler_ancestral_eta_one_is_the_posterior_step():
     mT, cT = GM.marginal_moments(sde.T, sde)
     kw = dict(steps=10, grid="logsnr")
     a = sampler_law(GM.model(sde), sde, mT, cT, sampler="euler_ancestral", **kw)
-    b = sampler_law(GM.model(sde), sde, mT, cT, sampler="dpm_solver_sde", order=1, **kw)
+    b = sampler_law(GM.model(sde), sde, mT, cT, sampler="dpm_solver_sde", order=1, eta=1.0, **kw)
     assert torch.allclose(a.mean, b.mean, atol=1e-12) and torch.allclose(a.cov, b.cov, atol=1e-12)
     assert a.draws == b.draws == 10
 
@@ -427,7 +427,7 @@ def test_parity_with_k_diffusion():
             "sample_dpmpp_2m_sde",
             {"eta": 1.0, "solver_type": "midpoint"},
             dpm_solver_sde,
-            {"order": 2, "solver_type": "midpoint", "lower_order_final": False},
+            {"order": 2, "eta": 1.0, "solver_type": "midpoint", "lower_order_final": False},
         ),
         (
             "sample_dpmpp_2m_sde",
