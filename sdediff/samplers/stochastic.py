@@ -208,9 +208,9 @@ def dpm_solver_sde(
     *,
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
-    order: int = 3,
+    order: int | None = None,
     eta: float = 0.25,
-    solver_type: str = "heun",
+    solver_type: str | None = None,
     lower_order_final: bool | int = True,
     final_order: int = 2,
     s_noise: float = 1.0,
@@ -225,12 +225,15 @@ def dpm_solver_sde(
         times: strictly decreasing grid (:func:`sdediff.timegrids.get_times`); one evaluation per step.
         generator: the source of the noise (``noise="generator"``) or of the Brownian path's seed.
         callback: called after each evaluation with ``{"i", "t", "x", "x0"}``.
-        order: 1 (the exact SDE-DPM-Solver-1 step), 2 (2M SDE) or 3 (3M SDE; default).
+        order: 1 (the exact SDE-DPM-Solver-1 step), 2 (2M SDE) or 3 (3M SDE). Default (``None``): 2 on
+            grids of fewer than 25 steps, 3 from 25 steps on.
         eta: 0 (the probability-flow ODE: deterministic DPM-Solver++) to 1 (the reverse SDE); default
-            0.25. The defaults (order 3, "heun", eta 0.25, the "dpm" grid to sigma = 0) were chosen by
-            exact KL on the tuning set of ``benchmarks/stochastic.py`` among eta >= 0.25.
+            0.25. The defaults (eta 0.25; 2M "midpoint" below 25 steps, 3M "heun" from 25; the "dpm" grid
+            to sigma = 0) were chosen by exact KL on the tuning set of ``benchmarks/stochastic.py``
+            (eta 0.25, 0.5, 1; orders 2, 3; both solver types; NFE 10-100).
         solver_type: ``"heun"`` (exact integral of the interpolant) or ``"midpoint"`` (Lu et al.'s
             formulas; with order 2 k-diffusion's ``sample_dpmpp_2m_sde`` default, with order 3 its 3M).
+            Default (``None``): ``"midpoint"`` at order 2, ``"heun"`` otherwise.
         lower_order_final: as :func:`~sdediff.samplers.dpm_solver` (lower order on the last steps of
             short grids: True; never: False; on the last ``k``: an int).
         final_order: data predictions extrapolated to sigma = 0 by a last step that ends there.
@@ -244,11 +247,11 @@ def dpm_solver_sde(
         bit for bit.
     """
     owner = "dpm_solver_sde"
-    if isinstance(order, bool) or order not in (1, 2, 3):
-        raise ArgumentError("order", order, "must be 1, 2 or 3", owner)
+    if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
+        raise ArgumentError("order", order, "must be 1, 2 or 3 (or null: 2 below 25 steps, else 3)", owner)
     eta = _number("eta", eta, owner, 0.0, 1.0)
-    if solver_type not in ("heun", "midpoint"):
-        raise ArgumentError("solver_type", solver_type, "must be 'heun' or 'midpoint'", owner)
+    if solver_type is not None and solver_type not in ("heun", "midpoint"):
+        raise ArgumentError("solver_type", solver_type, "must be 'heun' or 'midpoint' (or null)", owner)
     if not (
         isinstance(lower_order_final, bool) or (isinstance(lower_order_final, int) and lower_order_final >= 0)
     ):
@@ -258,6 +261,10 @@ def dpm_solver_sde(
     s_noise = _number("s_noise", s_noise, owner)
     check_noise(noise, owner)
     ev, times = setup(model, sde, x, times)
+    if order is None:
+        order = 2 if times.numel() - 1 < 25 else 3
+    if solver_type is None:
+        solver_type = "midpoint" if order == 2 else "heun"
     plan = planned(
         _SDEPlan,
         sde,
