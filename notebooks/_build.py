@@ -186,6 +186,44 @@ for name, opts in {"ddim": ("ancestral", {"eta": 0.0}), "pf_ode": ("pf_ode", {})
         b, A = y[0], (y[1:] - y[0]).T
         row.append(f"{gaussian_kl(A @ m_T + b, A @ S_T @ A.T, gauss.mean, gauss.cov):11.2e}")
     print(f"{name:14s}" + "".join(row))""",
+    """md:## Stochastic samplers, scored exactly too
+
+On Gaussian data a *stochastic* sampler is an affine map of x_T **and of its noise draws**, so its output is
+exactly Gaussian as well. `sdediff.samplers.sampler_law` runs the sampler's own code on basis starts and on
+basis noise columns (its `noise` option) and returns that law: the KL below is exact, with no sampling noise,
+for DPM-Solver++ SDE, EDM's stochastic Heun (churn), Euler-ancestral and DPM-Solver++(2S) ancestral. Every
+sampler starts from the exact p_T and ends at sigma = 0 (k-diffusion's convention); `dpm_solver` is there for
+reference. `benchmarks/stochastic.py` compares them with k-diffusion's own functions.""",
+    """from sdediff.samplers import sampler_law
+
+stoch = {
+    "dpm_solver_sde (default)": ("dpm_solver_sde", {}),
+    "dpm_solver_sde 2M, eta 1": ("dpm_solver_sde", {"order": 2, "eta": 1.0, "solver_type": "midpoint"}),
+    "edm, churn 10": ("edm", {"churn": 10.0, "grid": "uniform", "t_min": 0.0}),
+    "euler_ancestral": ("euler_ancestral", {"grid": "uniform"}),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {"grid": "uniform", "t_min": 0.0}),
+    "dpm_solver (ODE)": ("dpm_solver", {}),
+}
+nfes = [10, 20, 50] if QUICK else [10, 15, 20, 30, 50, 100]
+kl = {}
+for label, (name, opts) in stoch.items():
+    for nfe in nfes:
+        steps = (nfe + 1) // 2 if name in ("edm", "dpmpp_2s_ancestral") else nfe
+        law = sampler_law(gauss.model(sde), sde, m_T, S_T, sampler=name, steps=steps, **opts)
+        kl[label, nfe] = (law.nfe, law.kl(gauss.mean, gauss.cov))
+print(f"{'sampler':26s}" + "".join(f"{n:>10d}" for n in nfes))
+for label in stoch:
+    print(f"{label:26s}" + "".join(f"{kl[label, n][1]:10.2e}" for n in nfes))""",
+    """fig, ax = plt.subplots(figsize=(5.5, 4))
+for label in stoch:
+    pts = [kl[label, n] for n in nfes]
+    ax.loglog(*zip(*pts), marker="o", ms=3, label=label, ls="--" if "ODE" in label else "-")
+ax.set_xlabel("model evaluations (NFE)")
+ax.set_ylabel("exact KL(output law || data) [nats]")
+ax.set_title("8-D Gaussian, exact eps, from the exact p_T")
+ax.legend(fontsize=7)
+fig.tight_layout()
+save(fig, "stochastic_kl_vs_nfe.png")""",
     """md:## A trained toy model: error against a tight solve, and wall time""",
     """import time
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .errors import ArgumentError
 from .sde import SDE
 
-__all__ = ["GaussianMixture", "ring_mixture", "random_gaussian"]
+__all__ = ["GaussianMixture", "ring_mixture", "random_gaussian", "affine_law", "gaussian_kl_full"]
 
 
 class GaussianMixture:
@@ -134,6 +134,13 @@ class GaussianMixture:
         z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
         return alpha * self.sample(n, generator) + sigma * z
 
+    def marginal_moments(self, t, sde: SDE) -> tuple[Tensor, Tensor]:
+        """Mean and covariance (float64) of the noised marginal ``p_t``: ``alpha m`` and
+        ``alpha^2 C + sigma^2 I`` (its exact law when the mixture has one component)."""
+        alpha, sigma = (float(v) for v in sde.marginal(t))
+        cov = alpha**2 * self.cov + sigma**2 * torch.eye(self.D, dtype=torch.float64)
+        return alpha * self.mean, 0.5 * (cov + cov.T)
+
     def model(self, sde: SDE):
         """The exact eps-predictor as a plain callable ``(x, t) -> eps``, usable wherever a net is."""
 
@@ -171,3 +178,97 @@ def random_gaussian(d: int = 8, eig_min: float = 0.1, eig_max: float = 4.0, seed
     evals = torch.logspace(math.log10(eig_min), math.log10(eig_max), d, dtype=torch.float64)
     cov = q @ torch.diag(evals) @ q.T
     return GaussianMixture(torch.randn(d, generator=g, dtype=torch.float64), 0.5 * (cov + cov.T))
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact laws of affine maps (a sampler on Gaussian data)
+# ---------------------------------------------------------------------------------------------------
+def gaussian_kl_full(mean_q: Tensor, cov_q: Tensor, mean_p: Tensor, cov_p: Tensor) -> float:
+    """``KL(N(mean_q, cov_q) || N(mean_p, cov_p))`` in nats (float64, full covariances); ``inf`` when
+    ``cov_q`` is singular or not positive definite."""
+    mq, mp = mean_q.to(torch.float64).reshape(-1), mean_p.to(torch.float64).reshape(-1)
+    Sq, Sp = cov_q.to(torch.float64), cov_p.to(torch.float64)
+    D = mq.numel()
+    Lp = torch.linalg.cholesky(0.5 * (Sp + Sp.T))
+    Lq, info = torch.linalg.cholesky_ex(0.5 * (Sq + Sq.T))
+    if int(info) != 0 or not bool(torch.isfinite(Sq).all()) or not bool(torch.isfinite(mq).all()):
+        return math.inf
+    M = torch.linalg.solve_triangular(Lp, Lq, upper=False)  # Lp^-1 Lq
+    d = torch.linalg.solve_triangular(Lp, (mq - mp)[:, None], upper=False)[:, 0]
+    logdet_p = 2.0 * Lp.diagonal().log().sum()
+    logdet_q = 2.0 * Lq.diagonal().log().sum()
+    kl = 0.5 * float((M * M).sum() + d @ d - D + logdet_p - logdet_q)
+    return max(kl, 0.0)
+
+
+class _Columns:
+    """A noise source that returns, at its ``k``-th call, the basis vector ``e_j`` in row
+    ``first + k * D + j`` (j < D) and zeros elsewhere: one row per (draw, coordinate)."""
+
+    def __init__(self, first: int | None, D: int):
+        self.first, self.D, self.calls = first, D, 0
+
+    def __call__(self, x: Tensor, s_from=None, s_to=None) -> Tensor:
+        z = torch.zeros_like(x)
+        if self.first is not None:
+            flat = z.view(x.shape[0], -1)
+            rows = self.first + self.calls * self.D + torch.arange(self.D, device=x.device)
+            if int(rows[-1]) < x.shape[0]:
+                flat[rows, torch.arange(self.D, device=x.device)] = 1.0
+        self.calls += 1
+        return z
+
+
+def affine_law(run, mean: Tensor, cov: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor, int]:
+    """The exact output law of a map that is affine in its start and in its noise draws.
+
+    ``run(x, noise) -> y`` maps a batch of starts ``x`` (``(B, *item)``, float64) to outputs of the same
+    shape, drawing its standard normal noise only through ``noise(x, s_from, s_to) -> z`` (the
+    ``noise`` option of the stochastic samplers; k-diffusion's ``noise_sampler``). If ``y`` is affine in
+    ``x`` and the draws (a sampler on an affine model, e.g. the exact eps of Gaussian data), then for
+    ``x ~ N(mean, cov)``, ``y`` is exactly Gaussian; this returns its ``(mean, covariance, draws)``,
+    found by running ``run`` itself twice: once on ``mean`` with zero noise (counting the draws ``K``),
+    once on the batch ``[mean, mean + e_1 .. mean + e_D, mean (x K D)]`` with the noise of draw ``k``
+    set to ``e_j`` in row ``1 + D + k D + j``: ``y = y_0 + A (x - mean) + sum_k C_k z_k``, so
+    ``Cov y = A cov A^T + sum_k C_k C_k^T``. Costs a batch of ``1 + D (K + 1)`` rows (+1 for ``check``).
+
+    ``check``: one more row ``mean + u`` verifies that ``run`` is affine in ``x`` (``ValueError`` if not).
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    item = tuple(mean.shape)
+    D = mean.numel()
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    if cov.shape != (D, D):
+        raise ValueError(f"affine_law: cov must have shape ({D}, {D}), got {tuple(cov.shape)}")
+    counter = _Columns(None, D)
+    y0 = run(mean.reshape(1, *item).clone(), counter)
+    K = counter.calls
+    first = 1 + D
+    n = first + K * D
+    rows = [mean.reshape(1, D).expand(n, D).clone()]
+    rows[0][1 : 1 + D] += torch.eye(D, dtype=torch.float64)
+    u = None
+    if check:
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(D, generator=g, dtype=torch.float64)
+        rows.append((mean.reshape(-1) + u)[None])
+    x = torch.cat(rows).reshape(-1, *item)
+    cols = _Columns(first, D)
+    y = run(x, cols).to(torch.float64).reshape(x.shape[0], D)
+    if cols.calls != K:
+        raise ValueError(f"affine_law: run drew noise {cols.calls} times on the batch, {K} times alone")
+    base = y[0]
+    A = (y[1 : 1 + D] - base).T
+    N = y[first:n] - base
+    out_cov = A @ cov @ A.T + N.T @ N
+    if check:
+        pred = base + A @ u
+        scale = 1.0 + float(y[: 1 + D].abs().max()) + float(A.abs().max()) * float(u.abs().max())
+        if float((y[-1] - pred).abs().max()) > 1e-8 * scale or float((base - y0.reshape(-1)).abs().max()) > (
+            1e-8 * scale
+        ):
+            raise ValueError(
+                "affine_law: the map is not affine in its start (is the model the exact eps of Gaussian "
+                "data, in float64?)"
+            )
+    return base.reshape(item), 0.5 * (out_cov + out_cov.T), K

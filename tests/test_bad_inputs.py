@@ -185,7 +185,8 @@ def _run_main(prog: str, args: list[str]) -> tuple[int, str]:
 
 R = "{ws}"  # the workspace path inside a case
 CHOICES = {
-    "sampler": "ancestral, dpm_solver, euler_maruyama, pc, pf_ode, torchdiffeq, torchsde",
+    "sampler": "ancestral, dpm_solver, dpm_solver_sde, dpmpp_2s_ancestral, edm, euler_ancestral, euler_maruyama, pc, "
+    "pf_ode, torchdiffeq, torchsde",
     "sde": "ddpm, subvp, ve, vp_cosine, vp_linear",
 }
 

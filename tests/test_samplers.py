@@ -255,6 +255,10 @@ SMOKE = {  # name -> (steps, options): enough for a coarse law check on every sc
     "torchsde": (30, {}),
     "torchdiffeq": (8, {"rtol": 1e-3, "atol": 1e-3}),
     "dpm_solver": (20, {}),
+    "dpm_solver_sde": (40, {}),
+    "edm": (40, {"churn": 10.0}),
+    "euler_ancestral": (100, {}),
+    "dpmpp_2s_ancestral": (40, {}),
 }
 
 
@@ -449,7 +453,15 @@ def test_gpu_matches_cpu(name):
     x_T = sde.prior_sample((32, D), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     opts = {"eta": 0.0} if name == "ancestral" else {}
     kw = dict(sampler=name, steps=10, **opts)
-    if name in ("euler_maruyama", "pc", "torchsde"):  # stochastic: same law on the device, reproducible
+    stochastic = (
+        "euler_maruyama",
+        "pc",
+        "torchsde",
+        "dpm_solver_sde",
+        "euler_ancestral",
+        "dpmpp_2s_ancestral",
+    )
+    if name in stochastic:  # stochastic: same law on the device, reproducible
         gen = torch.Generator(device="cuda")
         a = sample(oracle_model(sde), sde, x_T=x_T.cuda(), generator=gen.manual_seed(1), **kw)
         b = sample(oracle_model(sde), sde, x_T=x_T.cuda(), generator=gen.manual_seed(1), **kw)

@@ -36,9 +36,11 @@ from .base import Evaluator, SamplerSpec, declare, option_names, spec_of
 from .dpm import dpm_solver
 from .fitted import FittedGrid, cached_fit, clear_fitted_cache, fit_times
 from .langevin import pc
+from .law import SamplerLaw, sampler_law
 from .ode import pf_ode, via_torchdiffeq
 from .posterior import ancestral
 from .reverse_sde import euler_maruyama, via_torchsde
+from .stochastic import dpm_solver_sde, dpmpp_2s_ancestral, edm, euler_ancestral
 
 __all__ = [
     "SAMPLERS",
@@ -54,6 +56,12 @@ __all__ = [
     "via_torchsde",
     "via_torchdiffeq",
     "dpm_solver",
+    "dpm_solver_sde",
+    "edm",
+    "euler_ancestral",
+    "dpmpp_2s_ancestral",
+    "sampler_law",
+    "SamplerLaw",
     "FittedGrid",
     "fit_times",
     "clear_fitted_cache",
@@ -66,7 +74,19 @@ FITTED = "fitted"
 #: the built-in samplers by name (any declared sampler function can be passed to ``sample`` itself)
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     spec_of(fn).name: fn
-    for fn in (ancestral, euler_maruyama, pf_ode, pc, via_torchsde, via_torchdiffeq, dpm_solver)
+    for fn in (
+        ancestral,
+        euler_maruyama,
+        pf_ode,
+        pc,
+        via_torchsde,
+        via_torchdiffeq,
+        dpm_solver,
+        dpm_solver_sde,
+        edm,
+        euler_ancestral,
+        dpmpp_2s_ancestral,
+    )
 }
 
 
