@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import ArgumentError
+from ..metrics import sliced_w2  # noqa: F401 (one implementation; sdediff.cli.compare.sliced_w2 still works)
 from ..samplers import SAMPLERS, sample
 from ..samplers.base import spec_of
 from ..train import resolve_device
@@ -60,16 +61,6 @@ def gaussian_kl(m: torch.Tensor, S: torch.Tensor, mu: torch.Tensor, Sigma: torch
     d = m - mu
     D = m.numel()
     return 0.5 * float(torch.trace(si @ S) + d @ si @ d - D + torch.logdet(Sigma) - torch.logdet(S))
-
-
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
-    """Squared sliced Wasserstein-2 distance of two equal-size point sets (random directions, seeded)."""
-    a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
-    v = v / v.norm(dim=0, keepdim=True)
-    pa, pb = (a @ v).sort(0).values, (b @ v).sort(0).values
-    return float((pa - pb).pow(2).mean())
 
 
 def _check(cfg: DictConfig) -> None:
