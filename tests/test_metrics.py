@@ -191,3 +191,56 @@ def test_features_refuse_unlabelled_data():
 
     with pytest.raises(ArgumentError, match="unlabelled"):
         Features.fit(ArrayDataset(torch.zeros(10, 1, 8, 8)), steps=1)
+
+
+@pytest.mark.slow
+def test_train_report_and_compare_print_fd_with_the_floor(tmp_path, capsys):
+    """A tiny digits U-Net run: report.json carries FD/KID and the floor; sdediff-compare prints FD/KID ±
+    s.e. per (sampler, steps) and the floor line, and writes the fd/kid columns."""
+    import csv
+
+    from hydra import compose, initialize_config_dir
+
+    from sdediff.cli import compare as compare_cli
+    from sdediff.cli import train as train_cli
+    from sdediff.cli._common import config_dir
+
+    feats = [f"features.cache_dir={tmp_path / 'fc'}", "features.steps=60", "features.width=8"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=digits_unet",
+                "model.net.ch=8",
+                "train.steps=4",
+                "train.progress=false",
+                "eval.likelihood=null",
+                "eval.baseline=null",
+                "sampler.steps=3",
+                f"out_dir={tmp_path / 'run'}",
+                *[f"eval.{f}" for f in feats],
+            ],
+        )
+        report = train_cli.run(cfg)
+        q = report["quality"]
+        assert q["n"] == 200 and q["floor"]["n"] == 200 and q["held_out"] == "200 validation images"
+        assert q["fd"] > q["floor"]["fd"] > 0  # an untrained model is far from real data
+        ccfg = compose(
+            "compare",
+            overrides=[
+                f"ckpt={tmp_path / 'run'}",
+                "samplers=[dpm_solver]",
+                "steps=[2]",
+                "n=200",
+                "progress=false",
+                f"out_dir={tmp_path / 'cmp'}",
+                *[f"quality.{f}" for f in feats],
+            ],
+        )
+        res = compare_cli.run(ccfg)
+    out = capsys.readouterr().out
+    assert "KID ± s.e." in out and "floor (200 validation images vs the test split, n=200): FD" in out
+    # the same classifier (cache) and the same held-out set: the same floor as the training report
+    assert res["quality"]["floor"]["fd"] == pytest.approx(q["floor"]["fd"], rel=1e-9)
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert float(rows[0]["fd"]) > q["floor"]["fd"] and float(rows[0]["kid_stderr"]) > 0
