@@ -244,3 +244,40 @@ def test_train_report_and_compare_print_fd_with_the_floor(tmp_path, capsys):
     assert res["quality"]["floor"]["fd"] == pytest.approx(q["floor"]["fd"], rel=1e-9)
     rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
     assert float(rows[0]["fd"]) > q["floor"]["fd"] and float(rows[0]["kid_stderr"]) > 0
+
+
+@pytest.mark.slow
+def test_cli_corrupt_classifier_cache_stops_before_training(tmp_path, capsys):
+    """A classifier cache failing its hash stops sdediff-train with one line before any training."""
+    from sdediff.cli import train as train_cli
+    from sdediff.data import digits
+
+    fc = tmp_path / "fc"
+    opts = dict(steps=2, width=4, feature_dim=8, seed=0)
+    Features.cached(digits("train"), digits("test"), cache_dir=fc, progress=False, **opts)
+    (w,) = fc.glob("*/features.safetensors")
+    w.write_bytes(w.read_bytes()[:-1] + b"\x00")
+    from hydra import compose, initialize_config_dir
+
+    from sdediff.cli._common import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=digits_unet",
+                "train.steps=2",
+                "train.progress=false",
+                f"out_dir={tmp_path / 'run'}",
+                f"eval.features.cache_dir={fc}",
+                *[f"eval.features.{k}={v}" for k, v in opts.items()],
+            ],
+        )
+    with pytest.raises(SystemExit) as e:
+        train_cli.run(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "fails its SHA-256 check" in err[0] and err[0].startswith("sdediff-train: error:")
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -208,7 +208,9 @@ def _quality(cfg: DictConfig, samples: torch.Tensor, train_x: torch.Tensor, data
     """FD / KID of the samples to the test split in the classifier's feature space, and the floor."""
     ev = cfg.eval
     t = time.perf_counter()
-    feats = _report.quality_features(data["train_ds"], data["test_ds"], to_plain(ev.get("features")), log)
+    feats = data.get("features") or _report.quality_features(
+        data["train_ds"], data["test_ds"], to_plain(ev.get("features")), log
+    )
     held, where = _report.held_out_set(data["val"], train_x.cpu(), len(samples), int(ev.seed))
     q = _report.sample_quality(samples.float().cpu(), data["test"], held, feats)
     q.update(
@@ -241,6 +243,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     objs = build(cfg)
     model, data = objs["model"], objs["data"]
     splits = eval_data(cfg)
+    if cfg.eval.get("quality") and rank == 0:  # the classifier first: a corrupt cache stops the run now
+        splits["features"] = _report.quality_features(
+            data, splits["test_ds"], to_plain(cfg.eval.get("features")), log
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{PROG}: {cfg.get('name', 'run')}: {len(data)} training items of shape {tuple(data[0][0].shape)}, "

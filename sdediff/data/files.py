@@ -319,7 +319,7 @@ FASHION_MNIST_CLASSES = (
 def fashion_mnist(
     root: PathLike | None = None, split: str = "train", *, hflip: bool = False, flip_seed: int = 0
 ) -> ArrayDataset:
-    """Fashion-MNIST ``split`` (``"train"``: 60,000, ``"test"``: 10,000 images ``(1, 28, 28)`` in ``[-1, 1]``),
+    """Fashion-MNIST ``split`` (``"train"``: 60,000, ``"test"``: 10,000 images ``(1, 28, 28)`` in [-1, 1]),
     with the ten class names as ``dataset.classes``. Same idx files as MNIST (see :func:`load_mnist`).
 
     ``root`` defaults to :data:`FASHION_MNIST_ROOT`, where ``apt-get install dataset-fashion-mnist``
@@ -336,7 +336,11 @@ def fashion_mnist(
         )
     x, y = load_mnist(where, split)
     return ArrayDataset(
-        torch.from_numpy(x), torch.from_numpy(y), hflip=hflip, flip_seed=flip_seed, classes=FASHION_MNIST_CLASSES
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        hflip=hflip,
+        flip_seed=flip_seed,
+        classes=FASHION_MNIST_CLASSES,
     )
 
 
