@@ -3,7 +3,11 @@
     python notebooks/_build.py           # full settings; writes the .ipynb files and notebooks/figures/*.png
     SDEDIFF_NOTEBOOK_QUICK=1 python notebooks/_build.py   # small settings (what the test-suite runs)
 
-Each notebook saves one figure to ``notebooks/figures/`` (shown in the README) when run in full.
+    python notebooks/_build.py 05_image_models   # only the notebooks whose names start so
+
+Every figure is stored in the notebook as an inline image output (the kernel uses matplotlib's inline
+backend), so a reader sees the plots on the repository page; full runs also save one figure per notebook
+to ``notebooks/figures/`` (shown in the README).
 """
 
 import os
@@ -17,11 +21,11 @@ HEAD = """import math
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt
 import torch
+from IPython import get_ipython
+
+get_ipython().run_line_magic("matplotlib", "inline")  # every figure is stored in the notebook as an image
 
 import sdediff as sd
 
@@ -362,12 +366,28 @@ for name, loss in {
     print(f"{name:30s} test NLL {float(-ll.logp.mean()):.3f} ± {float(ll.logp.std() / math.sqrt(len(test_x))):.3f} nats")""",
 ]
 
+import sys  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+from _image_models import IMAGE_MODELS  # noqa: E402 (notebook 05's cells live in their own file)
+
 BOOKS = {
     "01_ddpm_vs_vpsde.ipynb": DDPM,
     "02_comparing_samplers.ipynb": SAMPLERS,
     "03_likelihood.ipynb": LIKELIHOOD,
     "04_objectives.ipynb": OBJECTIVES,
+    "05_image_models.ipynb": [IMAGE_MODELS[0], HEAD, *IMAGE_MODELS[1:]],
 }
+
+
+def image_outputs(nb) -> int:
+    """How many image outputs (``image/png``) the notebook's code cells hold."""
+    return sum(
+        "image/png" in out.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for out in c.get("outputs", [])
+    )
 
 
 if __name__ == "__main__":
@@ -375,9 +395,13 @@ if __name__ == "__main__":
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     for name, cells in BOOKS.items():
+        if sys.argv[1:] and not any(name.startswith(a) for a in sys.argv[1:]):
+            continue
         nb = notebook(cells)
         NotebookClient(
             nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
         ).execute()
+        if not image_outputs(nb):
+            raise SystemExit(f"{name}: no image output stored; is every figure drawn in a code cell?")
         nbf.write(nb, HERE / name)
-        print("wrote", HERE / name)
+        print("wrote", HERE / name, f"({image_outputs(nb)} images)")

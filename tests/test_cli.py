@@ -62,6 +62,8 @@ def test_configs_ship_with_the_package():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(experiment, tmp_path):
     overrides = [f"experiment={experiment}"]
+    if experiment == "fashion_mnist" and not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     if experiment == "cifar10":  # the paper-size U-Net shrunk, a tiny fake CIFAR-10 on disk
         overrides += [
             f"data.root={_fake_cifar(tmp_path / 'cifar')}",

@@ -25,3 +25,24 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_stores_its_figures(path):
+    """Every stored notebook holds its plots as inline image outputs (a reader on the repository page
+    sees them), not only as files in notebooks/figures/."""
+    import json
+
+    nb = json.loads(path.read_text())
+    images = [
+        out
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for out in c.get("outputs", [])
+        if "image/png" in out.get("data", {})
+    ]
+    assert images, f"{path.name} stores no image output: re-run notebooks/_build.py"
+
+
+def test_the_image_notebook_is_built():
+    assert "05_image_models.ipynb" in {p.name for p in NOTEBOOKS}

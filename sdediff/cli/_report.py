@@ -28,6 +28,10 @@ __all__ = [
     "pf_ode_bits_per_dim",
     "gaussian_nll",
     "gmm_bits_per_dim",
+    "quality_features",
+    "held_out_set",
+    "sample_quality",
+    "quality_line",
 ]
 
 
@@ -270,3 +274,52 @@ def gmm_bits_per_dim(
         "covariance_type": cov,
         "selection": scores,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# sample quality: FD / KID in a classifier's feature space, beside the real-data floor
+# ------------------------------------------------------------------------------------------------
+FEATURE_DEFAULTS = {"cache_dir": None, "steps": 1500, "width": 32, "feature_dim": 64, "seed": 0}
+
+
+def quality_features(train, test, options=None, log=print):
+    """The :class:`sdediff.metrics.Features` classifier of the labelled ``train`` split (accuracy on
+    ``test``), loaded from its cache (``options["cache_dir"]``, default ``~/.cache/sdediff/features``) or
+    trained there once."""
+    from ..metrics import Features
+
+    opts = {**FEATURE_DEFAULTS, **(options or {})}
+    cache_dir = opts.pop("cache_dir")
+    return Features.cached(train, test, cache_dir=cache_dir, log=log, **opts)
+
+
+def held_out_set(val: Tensor | None, train: Tensor, n: int, seed: int = 0) -> tuple[Tensor, str]:
+    """``n`` real images for the floor and where they come from: the validation split when it holds at
+    least ``n``, else ``n`` training images drawn without replacement (seeded)."""
+    if val is not None and len(val) >= n:
+        return val[:n], f"{n} validation images"
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return train[idx], f"{len(idx)} training images"
+
+
+def sample_quality(samples: Tensor, test: Tensor, held_out: Tensor, features, subsets: int = 10) -> dict:
+    """FD / KID ± s.e. of ``samples`` to ``test`` and the floor (``held_out`` real images to ``test``), at
+    the same ``n`` (see :func:`sdediff.metrics.quality`)."""
+    from ..metrics import quality
+
+    n = min(len(samples), len(held_out))
+    subsets = max(1, min(subsets, n // 2))
+    samples = samples[:n].cpu().clamp(-1, 1)  # as the images are saved
+    return quality(samples, test.cpu(), features, held_out=held_out[:n].cpu(), subsets=subsets)
+
+
+def quality_line(q: dict, floor_label: str = "held-out real images") -> str:
+    """One line: FD and KID of the samples, then the floor."""
+    f = q.get("floor")
+    text = f"FD {q['fd']:.3f}, KID {q['kid']:.4f} ± {q['kid_stderr']:.4f} to the test split (n={q['n']})"
+    if f:
+        text += (
+            f" | floor ({floor_label} vs test): FD {f['fd']:.3f}, KID {f['kid']:.4f} ± {f['kid_stderr']:.4f}"
+            f" | FD / floor {q['fd'] / f['fd']:.2f}"
+        )
+    return text

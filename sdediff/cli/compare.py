@@ -12,6 +12,10 @@ mismatch is a floor every sampler shares). Errors:
 * ``sample_distance`` — the sliced Wasserstein-2 distance (squared) of the samples to as many exact data
   samples of an oracle (its floor for two exact sets is printed with the table), or, for a trained run, to
   its own test split (``eval.test_data``; the model's error is then part of every row);
+* ``fd``, ``kid`` ± ``kid_stderr`` — image models: the Fréchet distance and KID of the samples to the test
+  split in the feature space of a classifier trained on the labelled training split
+  (:class:`sdediff.metrics.Features`, cached), printed with their floor: the same metrics between the test
+  split and as many held-out real images (the run's validation split, else training images);
 * ``rms_to_reference`` — deterministic samplers of any model: the RMS distance per dimension of the
   output to a tight adaptive PF-ODE solve (dopri5) from the same ``x_T`` to the same end time (a solve
   to sigma = 0 is compared with the solve to the schedule's first time plus its Tweedie denoising).
@@ -27,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ArgumentError
+from ..metrics import sliced_w2  # noqa: F401 (one implementation; sdediff.cli.compare.sliced_w2 still works)
 from ..outputs import csv_text, write_output
 from ..samplers import SAMPLERS, sample
 from ..samplers.base import spec_of
@@ -45,7 +50,19 @@ from ._outputs import command
 from ._source import load_source
 
 PROG = "sdediff-compare"
-COLUMNS = ("sampler", "steps", "nfe", "seconds", "deterministic", "kl", "sample_distance", "rms_to_reference")
+COLUMNS = (
+    "sampler",
+    "steps",
+    "nfe",
+    "seconds",
+    "deterministic",
+    "kl",
+    "sample_distance",
+    "rms_to_reference",
+    "fd",
+    "kid",
+    "kid_stderr",
+)
 
 
 def run(cfg: DictConfig, *, sde_from_config: bool | None = None) -> dict[str, Any]:
@@ -60,16 +77,6 @@ def gaussian_kl(m: torch.Tensor, S: torch.Tensor, mu: torch.Tensor, Sigma: torch
     d = m - mu
     D = m.numel()
     return 0.5 * float(torch.trace(si @ S) + d @ si @ d - D + torch.logdet(Sigma) - torch.logdet(S))
-
-
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
-    """Squared sliced Wasserstein-2 distance of two equal-size point sets (random directions, seeded)."""
-    a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
-    v = v / v.norm(dim=0, keepdim=True)
-    pa, pb = (a @ v).sort(0).values, (b @ v).sort(0).values
-    return float((pa - pb).pow(2).mean())
 
 
 def _check(cfg: DictConfig) -> None:
@@ -129,6 +136,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         x_T = sde.prior_sample((cfg.n, *shape), generator=g).to(device)
         exact, floor = _held_out(cfg, src, seed), None
     data_label = "exact samples" if src.oracle is not None else "the run's test split"
+    qual = _quality_setup(cfg, src, shape, seed, log)
     gaussian = src.oracle is not None and src.oracle.K == 1
     refs: dict[float, torch.Tensor] = {}
 
@@ -180,10 +188,17 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             "kl": "",
             "sample_distance": "",
             "rms_to_reference": "",
+            "fd": "",
+            "kid": "",
+            "kid_stderr": "",
         }
         if exact is not None:
             m = min(len(x), len(exact))
             row["sample_distance"] = sliced_w2(x[:m].to(exact.dtype), exact[:m])
+        if qual is not None:
+            q = _report.sample_quality(x, qual["test"], qual["held_out"], qual["features"])
+            row.update(fd=q["fd"], kid=q["kid"], kid_stderr=q["kid_stderr"])
+            qual["floor"], qual["n"] = q["floor"], q["n"]
         if det:
             ref = reference(float(info.times[-1]))
             row["rms_to_reference"] = float((x - ref).pow(2).mean().sqrt())
@@ -198,19 +213,20 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     out = output_dir(cfg)
     write_output(out / "compare.csv", csv_text(rows, COLUMNS))
     title = f"{src.label}, {type(sde.schedule).__name__}"
-    png = _error_figure(rows, out / "compare.png", title, floor, data_label)
+    png = _error_figure(rows, out / "compare.png", title, floor, data_label, qual)
     if exact is not None:  # a first row with the data alone; then one row per sampler, one column per steps
         first = "exact data" if src.oracle is not None else "test data"
         panels = [(first, exact[:2000])] + [None] * (len(cfg.steps) - 1) + panels
     if len(shape) == 1 and shape[0] > 2:  # vectors: the first two coordinates
         panels = [None if p is None else (p[0], p[1][:, :2]) for p in panels]
     grid = _report.save_panels(panels, out / "compare_samples.png", title, ncols=len(cfg.steps))
-    log(_table(rows, floor, data_label))
+    log(_table(rows, floor, data_label, qual))
     took = time.perf_counter() - t_start
     log(f"{PROG}: {len(rows)} runs in {took:.1f} s -> {out / 'compare.csv'}, {png.name}, {grid.name}")
     return {
         "rows": rows,
         "floor": floor,
+        "quality": None if qual is None else _quality_summary(qual),
         "seconds": took,
         "paths": {"csv": str(out / "compare.csv"), "png": str(png), "samples_png": str(grid)},
     }
@@ -238,17 +254,29 @@ def _held_out(cfg: DictConfig, src, seed: int) -> torch.Tensor | None:
     return x.float().cpu()
 
 
-def _table(rows, floor, data_label="exact samples") -> str:
+def _table(rows, floor, data_label="exact samples", qual=None) -> str:
     head = f"{'sampler':<16} {'steps':>5} {'NFE':>5} {'seconds':>8} {'KL':>10} {'SW2':>10} {'RMS to ref':>11}"
+    if qual is not None:
+        head += f" {'FD':>9} {'KID ± s.e.':>19}"
     lines = [head, "-" * len(head)]
 
     def f(v):
         return f"{v:.3e}" if isinstance(v, float) else "-"
 
     for r in rows:
-        lines.append(
+        line = (
             f"{r['sampler']:<16} {r['steps']:>5} {r['nfe']:>5} {r['seconds']:>8.3f} {f(r['kl']):>10} "
             f"{f(r['sample_distance']):>10} {f(r['rms_to_reference']):>11}"
+        )
+        if qual is not None:
+            line += f" {r['fd']:>9.3f} {r['kid']:>9.4f} ± {r['kid_stderr']:.4f}"
+        lines.append(line)
+    if qual is not None and qual.get("floor"):
+        fl = qual["floor"]
+        lines.append(
+            f"floor ({qual['where']} vs the test split, n={qual['n']}): FD {fl['fd']:.3f}, KID "
+            f"{fl['kid']:.4f} ± {fl['kid_stderr']:.4f}; FD/KID in the penultimate layer of a classifier with "
+            f"test accuracy {qual['features'].test_accuracy:.4f}; FD near the floor is as close as real data"
         )
     if floor is not None:
         lines.append(
@@ -260,12 +288,15 @@ def _table(rows, floor, data_label="exact samples") -> str:
     return "\n".join(lines)
 
 
-def _error_figure(rows, path, title, floor, data_label="exact samples"):
+def _error_figure(rows, path, title, floor, data_label="exact samples", qual=None):
     plt = _report._plt()
     metrics = [
-        m for m in ("kl", "sample_distance", "rms_to_reference") if any(isinstance(r[m], float) for r in rows)
+        m
+        for m in ("fd", "kl", "sample_distance", "rms_to_reference")
+        if any(isinstance(r[m], float) for r in rows)
     ]
     labels = {
+        "fd": "FD to the test split (classifier features)",
         "kl": "exact KL",
         "sample_distance": f"sliced W2^2 to {data_label}",
         "rms_to_reference": "RMS to tight solve",
@@ -284,11 +315,71 @@ def _error_figure(rows, path, title, floor, data_label="exact samples"):
                 ax.loglog(*zip(*sorted(pts)), "o-", label=name, ms=3)
         if m == "sample_distance" and floor:
             ax.axhline(floor, color="k", ls=":", lw=0.8, label="two exact sets (noise level)")
+        if m == "fd" and qual is not None and qual.get("floor"):
+            ax.axhline(qual["floor"]["fd"], color="k", ls=":", lw=0.8, label="floor: held-out real images")
         ax.set_xlabel("model evaluations (NFE)")
         ax.set_ylabel(labels[m])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     return _report._save(plt, fig, path, title)
+
+
+def _quality_setup(cfg: DictConfig, src, shape, seed: int, log) -> dict[str, Any] | None:
+    """The classifier, test split and held-out set for FD / KID, or None (vectors, or no labelled data)."""
+    from omegaconf import OmegaConf
+
+    from ..checkpoint import check_targets
+    from ..data import as_tensor
+    from ._common import instantiate_at, to_plain
+
+    qc = cfg.get("quality") or {}
+    mode = qc.get("enabled", "auto")
+    if mode not in ("auto", True, False):
+        raise ArgumentError("quality.enabled", mode, "must be auto, true or false")
+    if mode is False or (mode == "auto" and (len(shape) != 3 or src.oracle is not None)):
+        return None
+    run_cfg = src.run_cfg or {}
+    stored_eval = run_cfg.get("eval") or {}
+    where = src.meta.get("path", "the checkpoint") if src.meta else "the checkpoint"
+
+    def load(key: str, stored: Any, stored_key: str):
+        if qc.get(key) is not None:
+            return instantiate_at(qc[key], f"quality.{key}")
+        if not stored:
+            return None
+        check_targets(stored, stored_key, where)
+        return instantiate_at(OmegaConf.create(stored), stored_key)
+
+    train = load("train_data", run_cfg.get("data"), "data")
+    test = load("test_data", stored_eval.get("test_data"), "eval.test_data")
+    if train is None or test is None or bool((torch.as_tensor(train.labels) < 0).any()):
+        if mode == "auto":
+            log(f"{PROG}: no FD/KID: pass quality.train_data= (labelled) and quality.test_data= data configs")
+            return None
+        raise ArgumentError(
+            "quality.train_data",
+            None,
+            "must be a labelled data config (and quality.test_data given) for FD/KID",
+        )
+    held = load("held_out", stored_eval.get("val_data"), "eval.val_data")
+    test_x, train_x = as_tensor(test), as_tensor(train)
+    for name, x in (("quality.train_data", train_x), ("quality.test_data", test_x)):
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise ArgumentError(name, tuple(x.shape[1:]), f"must have the model's item shape {tuple(shape)}")
+    feats = _report.quality_features(train, test, to_plain(qc.get("features")), log)
+    held_x, held_where = _report.held_out_set(
+        as_tensor(held) if held is not None else None, train_x, cfg.n, seed
+    )
+    return {"features": feats, "test": test_x, "held_out": held_x, "where": held_where}
+
+
+def _quality_summary(qual: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "floor": qual.get("floor"),
+        "n": qual.get("n"),
+        "held_out": qual["where"],
+        "classifier_test_accuracy": qual["features"].test_accuracy,
+    }
 
 
 @hydra.main(config_path=config_dir(), config_name="compare", version_base="1.3")

@@ -78,6 +78,10 @@ def _check_eval(ev: DictConfig) -> None:
         raise ArgumentError(
             "eval.baseline", "gmm", "needs eval.likelihood=bpd and eval.val_data (the selection split)"
         )
+    if ev.get("quality") and (not ev.n_samples or ev.get("test_data") is None):
+        raise ArgumentError(
+            "eval.quality", True, "needs eval.n_samples > 0 and eval.test_data (the samples' reference split)"
+        )
     for key in ("n_samples", "n_test"):
         _int(ev, key, 0)
     for key in ("batch_size", "probes", "repeats"):
@@ -99,10 +103,11 @@ def eval_data(cfg: DictConfig) -> dict[str, Any]:
     """The evaluation splits ``cfg.eval`` names, loaded up front (a bad data config must stop the run
     before training, not after)."""
     ev = cfg.eval
-    out = {"test": None, "val": None}
-    if ev.likelihood:
-        out["test"] = as_tensor(instantiate_at(ev.test_data, "eval.test_data"))
-    if ev.baseline == "gmm":
+    out = {"test": None, "val": None, "test_ds": None}
+    if ev.likelihood or ev.get("quality"):
+        out["test_ds"] = instantiate_at(ev.test_data, "eval.test_data")
+        out["test"] = as_tensor(out["test_ds"])
+    if ev.baseline == "gmm" or (ev.get("quality") and ev.get("val_data") is not None):
         out["val"] = as_tensor(instantiate_at(ev.val_data, "eval.val_data"))
     return out
 
@@ -139,6 +144,8 @@ def evaluate(
         report["samples"] = _report.save_samples(samples, shown, out, title)
         report["samples"]["seconds"] = round(time.perf_counter() - t, 2)
         log(f"{PROG}: {ev.n_samples} samples -> {report['samples'].get('png', report['samples']['npz'])}")
+        if ev.get("quality") and data.get("train_ds") is not None:
+            report["quality"] = _quality(cfg, samples, train_x, data, log)
     if ev.likelihood:
         t = time.perf_counter()
         test_x = data["test"][: ev.n_test or None]
@@ -160,6 +167,21 @@ def evaluate(
             )
         res["seconds"] = round(time.perf_counter() - t, 2)
         report["likelihood"] = {"kind": ev.likelihood, **res}
+        if ev.likelihood == "bpd" and data.get("val") is not None:  # the validation split too
+            t = time.perf_counter()
+            g = torch.Generator(device=dev).manual_seed(int(ev.seed) + 2)
+            val = _report.pf_ode_bits_per_dim(
+                model,
+                sde,
+                data["val"].to(dev),
+                batch_size=ev.batch_size,
+                generator=g,
+                repeats=ev.repeats,
+                **kw,
+            )
+            val["seconds"] = round(time.perf_counter() - t, 2)
+            report["likelihood_val"] = val
+            log(f"{PROG}: validation bits/dim {val['bpd']:.4f} ± {val['bpd_stderr']:.4f} ({val['n']} images)")
         if ev.baseline == "gaussian":
             nll = _report.gaussian_nll(train_x, test_x)
             report["baseline"] = {"kind": "gaussian", "nll": nll}
@@ -187,6 +209,25 @@ def evaluate(
     return report
 
 
+def _quality(cfg: DictConfig, samples: torch.Tensor, train_x: torch.Tensor, data, log) -> dict[str, Any]:
+    """FD / KID of the samples to the test split in the classifier's feature space, and the floor."""
+    ev = cfg.eval
+    t = time.perf_counter()
+    feats = data.get("features") or _report.quality_features(
+        data["train_ds"], data["test_ds"], to_plain(ev.get("features")), log
+    )
+    held, where = _report.held_out_set(data["val"], train_x.cpu(), len(samples), int(ev.seed))
+    q = _report.sample_quality(samples.float().cpu(), data["test"], held, feats)
+    q.update(
+        held_out=where,
+        classifier_test_accuracy=feats.test_accuracy,
+        feature_dim=feats.feature_dim,
+        seconds=round(time.perf_counter() - t, 2),
+    )
+    log(f"{PROG}: {_report.quality_line(q, where)} (classifier test accuracy {feats.test_accuracy:.4f})")
+    return q
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and report as ``cfg`` says; returns the report (also written to ``<out>/report.json``)."""
     with command(PROG, cfg):
@@ -210,6 +251,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if estimated:
         log(f"{PROG}: model.sigma_data={model.sigma_data:.6g} (estimated from the training data)")
     splits = eval_data(cfg)
+    if cfg.eval.get("quality") and rank == 0:  # the classifier first: a corrupt cache stops the run now
+        splits["features"] = _report.quality_features(
+            data, splits["test_ds"], to_plain(cfg.eval.get("features")), log
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{PROG}: {cfg.get('name', 'run')}: {len(data)} training items of shape {tuple(data[0][0].shape)}, "
@@ -274,6 +319,7 @@ def _finish(cfg, result, out, objs, data, splits, kwargs, n_params, log, t0, ran
     }
     if rank != 0:
         return report
+    splits["train_ds"] = data  # the labelled training split (the quality classifier's)
     report.update(
         evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log, splits)
     )
@@ -304,6 +350,17 @@ def _summary(r: dict[str, Any]) -> str:
         parts.append(f"Gaussian fit {b['nll']:.3f} nats")
     elif b:
         parts.append(f"best GMM {_fmt(b['bpd'], b['bpd_stderr'])} bits/dim")
+    lv = r.get("likelihood_val")
+    if lv:
+        parts.append(f"validation bits/dim {_fmt(lv['bpd'], lv['bpd_stderr'])}")
+    b = r.get("baseline")
+    if b and b["kind"] == "gmm" and b.get("selection"):
+        best = min(s["val_bpd"] for s in b["selection"])
+        parts.append(f"GMM validation {best:.3f}")
+    q = r.get("quality")
+    if q:
+        f = q.get("floor") or {}
+        parts.append(f"FD {q['fd']:.3f} (floor {f.get('fd', float('nan')):.3f})")
     if "samples" in r:
         parts.append(f"samples {r['samples'].get('png', r['samples']['npz'])}")
     return " | ".join(parts)

@@ -28,6 +28,8 @@ below through ``_target_``.
 from ..lattice import float_to_uint8, uint8_to_float
 from .dataset import ArrayDataset, as_tensor, dequantize, dequantize_uint8, hash_ints
 from .files import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
     cifar10,
     fashion_mnist,
     image_folder,
@@ -74,6 +76,8 @@ __all__ = [
     "load_mnist",
     "mnist",
     "fashion_mnist",
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_CLASSES",
     "load_image_folder",
     "image_folder",
     "load_array",

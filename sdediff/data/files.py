@@ -298,11 +298,50 @@ def mnist(root: PathLike, split: str = "train", *, hflip: bool = False, flip_see
     return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), hflip=hflip, flip_seed=flip_seed)
 
 
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` package puts the four idx ``.gz`` files."""
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+"""Fashion-MNIST's ten class names (index = label)."""
+
+
 def fashion_mnist(
-    root: PathLike, split: str = "train", *, hflip: bool = False, flip_seed: int = 0
+    root: PathLike | None = None, split: str = "train", *, hflip: bool = False, flip_seed: int = 0
 ) -> ArrayDataset:
-    """Fashion-MNIST ``split``: same idx file names and layout as MNIST (see :func:`load_mnist`)."""
-    return mnist(root, split, hflip=hflip, flip_seed=flip_seed)
+    """Fashion-MNIST ``split`` (``"train"``: 60,000, ``"test"``: 10,000 images ``(1, 28, 28)`` in [-1, 1]),
+    with the ten class names as ``dataset.classes``. Same idx files as MNIST (see :func:`load_mnist`).
+
+    ``root`` defaults to :data:`FASHION_MNIST_ROOT`, where ``apt-get install dataset-fashion-mnist``
+    (Debian's archive) puts the files; a missing folder raises one ``FileNotFoundError`` naming the package
+    and ``root`` (``data.root=`` on the command line).
+    """
+    where = Path(root if root is not None else FASHION_MNIST_ROOT).expanduser()
+    if not where.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST directory not found: {where}. Install it with `apt-get install "
+            "dataset-fashion-mnist` (Debian's archive, puts the idx files in "
+            f"{FASHION_MNIST_ROOT}) or pass the folder holding the four idx files as root "
+            "(data.root=... on the command line)"
+        )
+    x, y = load_mnist(where, split)
+    return ArrayDataset(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        hflip=hflip,
+        flip_seed=flip_seed,
+        classes=FASHION_MNIST_CLASSES,
+    )
 
 
 # --------------------------------------------------------------------------------------------
