@@ -10,6 +10,7 @@ One import gives the public API::
 from . import data, errors, losses, nets, oracle, timegrids, variance
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
+from .guidance import Guided, guided
 from .interop import from_diffusers
 from .likelihood import (
     bits_per_dim,
@@ -67,6 +68,8 @@ __all__ = [
     "discrete_vlb",
     "errors",
     "from_diffusers",
+    "guided",
+    "Guided",
     "get_times",
     "likelihood_report",
     "log_likelihood",

@@ -310,7 +310,7 @@ def log_likelihood(
             if mode == "replicate":
                 xr = xr.repeat(K, *([1] * len(event)))  # row k * B + b is sample b
             xr.requires_grad_(True)
-            eps = model(xr, t)
+            eps = model.predict(xr, t, sde, prediction)  # the native output (sde: for models that need it)
             if eps.shape != xr.shape:
                 raise ValueError(
                     f"the model's output has shape {tuple(eps.shape)}, expected the state's "
