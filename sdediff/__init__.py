@@ -14,6 +14,7 @@ from .guidance import Guided, guided
 from .interop import from_diffusers
 from .likelihood import (
     bits_per_dim,
+    classify,
     continuous_elbo,
     discrete_vlb,
     likelihood_report,
@@ -62,6 +63,7 @@ __all__ = [
     "append_dims",
     "as_model",
     "bits_per_dim",
+    "classify",
     "continuous_elbo",
     "convert",
     "data",

@@ -90,7 +90,6 @@ class MLP(nn.Module):
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
-        self.class_embed = ClassEmbedding(self.num_classes, self.hidden) if self.num_classes else None
         self.inp = nn.Linear(self.dim, self.hidden)
         self.blocks = nn.ModuleList(_Block(self.hidden, self.hidden, dropout) for _ in range(self.depth))
         self.out_norm = nn.LayerNorm(self.hidden)
@@ -100,6 +99,8 @@ class MLP(nn.Module):
         if zero_init:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+        # last, so that the other layers draw the same initial weights as an unconditional net's
+        self.class_embed = ClassEmbedding(self.num_classes, self.hidden) if self.num_classes else None
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         B = x.shape[0]

@@ -215,7 +215,6 @@ class UNet(nn.Module):
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
-        self.class_embed = ClassEmbedding(self.num_classes, temb_dim) if self.num_classes else None
 
         def res(i_ch, o_ch):
             return ResBlock(i_ch, o_ch, temb_dim, dropout, skip_rescale, scale_shift)
@@ -253,6 +252,8 @@ class UNet(nn.Module):
         self.learn_variance = bool(learn_variance)
         self.conv_out = nn.Conv2d(cur, self.out_ch * (2 if self.learn_variance else 1), 3, padding=1)
         self._init(zero_init)
+        # after the init, so that the other layers draw the same weights as an unconditional net's
+        self.class_embed = ClassEmbedding(self.num_classes, temb_dim) if self.num_classes else None
 
     def _init(self, zero_init: bool) -> None:
         for m in self.modules():
