@@ -340,3 +340,31 @@ def test_bad_inputs_raise_one_line():
         with pytest.raises(ArgumentError, match=match) as err:
             fn()
         assert "\n" not in str(err.value)
+
+
+def test_from_diffusers_passes_class_labels():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=4,
+    )
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_()
+    model, sde = sd.from_diffusers(unet=unet, scheduler=diffusers.DDPMScheduler(), clip=False)
+    assert model.num_classes == 3  # the last row is the null class
+    x, labels = torch.randn(2, 1, 8, 8, generator=gen(0)), torch.tensor([0, 2])
+    with torch.no_grad():
+        got = model.eps(x, torch.tensor(0.5, dtype=F64), sde, class_labels=labels)
+        assert torch.equal(got, unet(x, torch.tensor(499.0), class_labels=labels).sample)
+        null = unet(x, torch.tensor(499.0), class_labels=torch.tensor([3, 3])).sample
+        assert torch.equal(model.eps(x, torch.tensor(0.5, dtype=F64), sde), null)
+        g = sd.guided(model, labels, 2.0).eps(x, torch.tensor(0.5, dtype=F64), sde)
+        assert torch.allclose(g, null + 2.0 * (got - null), atol=1e-5)
