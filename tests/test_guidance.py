@@ -368,3 +368,101 @@ def test_from_diffusers_passes_class_labels():
         assert torch.equal(model.eps(x, torch.tensor(0.5, dtype=F64), sde), null)
         g = sd.guided(model, labels, 2.0).eps(x, torch.tensor(0.5, dtype=F64), sde)
         assert torch.allclose(g, null + 2.0 * (got - null), atol=1e-5)
+
+
+# -- training: labels from the data, dropped to the null class with the run's generator ---------------
+class _Crash(Exception):
+    pass
+
+
+def _labelled(n=96):
+    return sd.data.labelled_mixture_dataset(labelled_ring(4), n, seed=0, classes=["a", "b", "c", "d"])
+
+
+def _cond_model(K=4, seed=0):
+    torch.manual_seed(seed)
+    return sd.Model(sd.MLP(2, hidden=16, depth=1, emb_dim=8, num_classes=K))
+
+
+TKW = dict(batch_size=16, lr=1e-2, ema_decay=0.9, seed=3, progress=False, tensorboard=False)
+
+
+def test_labels_reach_the_loss_with_p_uncond_drops():
+    data = _labelled()
+    sde = sd.SDE(sd.LinearVP())
+    base = sd.losses.DiffusionLoss(sde)
+    seen = []
+
+    def loss(model, x, generator=None, class_labels=None):
+        seen.append(class_labels.clone())
+        return base(model, x, generator=generator, class_labels=class_labels)
+
+    res = sd.training.train(_cond_model(), loss, data, steps=12, p_uncond=0.0, **TKW)
+    b = sd.training.Batches(data, 16, seed=3)
+    for step, y in enumerate(seen):
+        assert torch.equal(y, data.labels[b.indices(step)])
+    # the training label frequencies are the net's class prior
+    freq = torch.bincount(data.labels, minlength=4).double() / len(data)
+    assert torch.allclose(res.model.net.class_embed.class_prior.double(), freq)
+    seen.clear()
+    sd.training.train(_cond_model(), loss, data, steps=40, p_uncond=0.3, **TKW)
+    y = torch.cat(seen)
+    dropped = float((y == 4).double().mean())
+    n = y.numel()
+    assert abs(dropped - 0.3) <= 4 * math.sqrt(0.3 * 0.7 / n)  # binomial, 4 standard errors
+    kept = y != 4
+    b = sd.training.Batches(data, 16, seed=3)
+    truth = torch.cat([data.labels[b.indices(s)] for s in range(40)])
+    assert torch.equal(y[kept], truth[kept])
+
+
+def test_conditional_training_resumes_bitwise(tmp_path):
+    data = _labelled()
+    sde = sd.SDE(sd.LinearVP())
+    kw = dict(steps=12, ckpt_every=4, keep_checkpoints=None, **TKW)
+    full = sd.training.train(_cond_model(), sd.losses.DiffusionLoss(sde), data, out_dir=tmp_path / "a", **kw)
+
+    def crash(step, info):
+        if step == 7:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        sd.training.train(
+            _cond_model(), sd.losses.DiffusionLoss(sde), data, out_dir=tmp_path / "b", callback=crash, **kw
+        )
+    res = sd.training.train(
+        _cond_model(seed=5), sd.losses.DiffusionLoss(sde), data, out_dir=tmp_path / "b", resume=True, **kw
+    )
+    assert res.start_step == 4 and torch.equal(res.losses, full.losses[4:])
+    for a, b in zip(full.model.state_dict().values(), res.model.state_dict().values()):
+        assert torch.equal(a, b)
+    _, meta = sd.load_checkpoint(tmp_path / "b")
+    assert meta["train"]["num_classes"] == 4 and meta["train"]["class_names"] == ["a", "b", "c", "d"]
+    # a conditional checkpoint resumed as an unconditional model: one line, before any work
+    torch.manual_seed(0)
+    uncond = sd.Model(sd.MLP(2, hidden=16, depth=1, emb_dim=8))
+    with pytest.raises(sd.ConfigError, match="num_classes=4") as err:
+        sd.training.train(
+            uncond,
+            sd.losses.DiffusionLoss(sde),
+            data,
+            out_dir=tmp_path / "b",
+            resume=True,
+            **{**kw, "steps": 20},
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_training_bad_labels_fail_before_any_work():
+    sde = sd.SDE(sd.LinearVP())
+    loss = sd.losses.DiffusionLoss(sde)
+    cases = [
+        (_cond_model(), torch.randn(64, 2), {}, "unlabelled"),
+        (_cond_model(K=3), _labelled(), {}, "label 3"),
+        (_cond_model(), _labelled(), {"p_uncond": 1.5}, "p_uncond"),
+        (sd.Model(sd.MLP(2, hidden=8, depth=1, emb_dim=8)), _labelled(), {"p_uncond": 0.1}, "p_uncond"),
+    ]
+    for model, data, extra, match in cases:
+        with pytest.raises(sd.ConfigError, match=match) as err:
+            sd.training.train(model, loss, data, steps=2, **{**TKW, **extra})
+        assert "\n" not in str(err.value)
