@@ -466,3 +466,103 @@ def test_training_bad_labels_fail_before_any_work():
         with pytest.raises(sd.ConfigError, match=match) as err:
             sd.training.train(model, loss, data, steps=2, **{**TKW, **extra})
         assert "\n" not in str(err.value)
+
+
+# -- the three commands --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_conditional_commands_end_to_end(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from sdediff.cli import compare as compare_cli
+    from sdediff.cli import likelihood as likelihood_cli
+    from sdediff.cli import sample as sample_cli
+    from sdediff.cli import train as train_cli
+    from sdediff.cli._common import config_dir
+
+    def cfg(*overrides, name="config"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(name, overrides=list(overrides))
+
+    run = tmp_path / "run"
+    train_cli.run(
+        cfg(
+            "experiment=toy2d_cond",
+            "data.n=512",
+            "model.net.hidden=16",
+            "model.net.depth=1",
+            "train.steps=20",
+            "train.batch_size=64",
+            "train.ckpt_every=0",
+            "train.progress=false",
+            "eval.n_samples=0",
+            "eval.likelihood=null",
+            "eval.baseline=null",
+            f"out_dir={run}",
+        )
+    )
+    out = sample_cli.run(
+        cfg(
+            f"ckpt={run}",
+            "class_labels=all",
+            "guidance=2.0",
+            "n=16",
+            "steps=4",
+            f"out_dir={tmp_path / 's'}",
+            name="sample_checkpoint",
+        )
+    )
+    assert out["samples"].shape == (16, 2) and torch.equal(
+        out["labels"], torch.arange(8).repeat_interleave(2)
+    )
+    assert out["class_names"][3] == "135°" and out["rows"] == 2 * 16 * out["nfe"]
+    npz = __import__("numpy").load(tmp_path / "s" / "samples.npz")
+    assert npz["labels"].tolist() == out["labels"].tolist()
+    one = sample_cli.run(
+        cfg(
+            f"ckpt={run}",
+            "class_labels=[3]",
+            "guidance=2.0",
+            "n=5",
+            "steps=4",
+            f"out_dir={tmp_path / 's1'}",
+            name="sample_checkpoint",
+        )
+    )
+    assert torch.equal(one["labels"], torch.full((5,), 3))
+    lik = likelihood_cli.run(
+        cfg(
+            f"ckpt={run}",
+            "conditional=true",
+            "n=20",
+            "elbo.enabled=false",
+            "progress=false",
+            "pf_ode.rtol=1e-3",
+            "pf_ode.atol=1e-3",
+            f"out_dir={tmp_path / 'l'}",
+            name="likelihood",
+        )
+    )
+    assert any("own label" in r["method"] for r in lik["rows"])
+    cmp = compare_cli.run(
+        cfg(
+            f"ckpt={run}",
+            "guidance=[1,2,4]",
+            "samplers=[dpm_solver]",
+            "steps=[4]",
+            "n=50",
+            "progress=false",
+            f"out_dir={tmp_path / 'c'}",
+            name="compare",
+        )
+    )
+    assert [r["sampler"] for r in cmp["rows"]] == ["dpm_solver@1", "dpm_solver@2", "dpm_solver@4"]
+    # bad inputs: one line, exit 2
+    for bad, name, match in (
+        (["class_labels=[8]"], "sample_checkpoint", "must be a class 0..7"),
+        (["guidance=2.0"], "sample_checkpoint", "needs class_labels"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sample_cli.run(cfg(f"ckpt={run}", f"out_dir={tmp_path / 'bad'}", *bad, name=name))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and match in err and "\n" not in err
