@@ -18,7 +18,7 @@ conversion per step), ``grid="fitted"``, :func:`~sdediff.log_likelihood` and the
 take any model; none of them knows guidance exists.
 
 ``interval=(sigma_lo, sigma_hi)`` (Kynkäänniemi et al. 2024) guides only where EDM's noise level
-``sigma(t) / alpha(t)`` (= ``exp(-lambda/2)``; equal to ``sigma(t)`` for VE schedules) lies in
+``sigma(t) / alpha(t)`` (= ``exp(-lambda/2)``; ``sigma(t)`` itself for VE schedules) lies in
 ``(sigma_lo, sigma_hi]`` and returns the plain conditional prediction elsewhere. That needs the schedule,
 so an interval-guided model does its own schedule math through ``predict(x, t, sde, ...)`` (a
 ``forward`` without an sde uses the ``sde`` given to :func:`guided`).
@@ -170,8 +170,8 @@ class _PredictGuided(Guided):
             return None
         t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         t64 = t64.expand(x.shape[0]) if t64.ndim == 0 else t64
-        lam = sde.schedule.log_snr(t64)
-        s = torch.exp(-0.5 * lam)  # sigma / alpha, EDM's noise level
+        alpha, sigma = sde.marginal(t64)  # as the conversions take them (same device handling)
+        s = sigma / alpha  # EDM's noise level
         lo, hi = self.interval
         return ((s > lo) & (s <= hi)).to(x.device)
 

@@ -194,7 +194,7 @@ def test_the_interval_end_points():
     for sde in (sd.SDE(sd.LinearVP()), sd.SDE(sd.VE())):
         model = sd.Model(gm.model(sde))
         ta, tb = torch.tensor(0.3, dtype=F64), torch.tensor(0.7, dtype=F64)
-        lo, hi = (float(torch.exp(-0.5 * sde.schedule.log_snr(t))) for t in (ta, tb))
+        lo, hi = (float(sde.marginal(t)[1] / sde.marginal(t)[0]) for t in (ta, tb))
         g = sd.guided(model, 1, 3.0, interval=(lo, hi))
         x = gm.sample(6, gen(4))
         labels = torch.ones(6, dtype=torch.long)

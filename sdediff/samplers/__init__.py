@@ -88,6 +88,11 @@ class SampleInfo:
     fit: FittedGrid | None = None
     rows: int = 0
 
+    @property
+    def network_rows(self) -> int:
+        """The same as :attr:`rows`."""
+        return self.rows
+
 
 def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
