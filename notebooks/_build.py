@@ -424,7 +424,11 @@ for key, vals in rows.items():
     for ax, k in zip(axes, range(3)):
         ax.plot(scales, [v[k] for v in vals], style, marker="o", ms=3, label=key)
 axes[2].axhline(floor, color="k", lw=0.8, ls="--", label="FD floor")
-for ax, name in zip(axes, ["class accuracy (exact posterior)", "diversity (within-class variance ratio)", "FD to exact draws"]):
+axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+axes[1].set_yscale("log")
+titles = ["class accuracy (exact posterior)", "diversity: within-class variance / data's (1 = data)",
+          "FD to exact draws"]
+for ax, name in zip(axes, titles):
     ax.set_xlabel("guidance scale")
     ax.set_title(name)
     ax.grid(alpha=0.3)
