@@ -10,9 +10,11 @@ One import gives the public API::
 from . import data, errors, losses, nets, oracle, timegrids, variance
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
+from .guidance import Guided, guided
 from .interop import from_diffusers
 from .likelihood import (
     bits_per_dim,
+    classify,
     continuous_elbo,
     discrete_vlb,
     likelihood_report,
@@ -61,12 +63,15 @@ __all__ = [
     "append_dims",
     "as_model",
     "bits_per_dim",
+    "classify",
     "continuous_elbo",
     "convert",
     "data",
     "discrete_vlb",
     "errors",
     "from_diffusers",
+    "guided",
+    "Guided",
     "get_times",
     "likelihood_report",
     "log_likelihood",

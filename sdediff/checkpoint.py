@@ -388,13 +388,16 @@ TRUSTED_TARGETS: frozenset[str] = _aliases(
         # data sets (the evaluation split a run recorded): loaders of plain arrays, never of code
         **{
             name: ("sdediff.data", "sdediff.data.toy")
-            for name in ("toy2d_dataset", "digits", "mixture_dataset")
+            for name in ("toy2d_dataset", "digits", "mixture_dataset", "labelled_mixture_dataset")
         },
         **{
             name: ("sdediff.data", "sdediff.data.files")
             for name in ("cifar10", "mnist", "fashion_mnist", "image_folder", "numpy_file")
         },
-        **{name: ("sdediff.oracle",) for name in ("GaussianMixture", "ring_mixture", "random_gaussian")},
+        **{
+            name: ("sdediff.oracle",)
+            for name in ("GaussianMixture", "ring_mixture", "random_gaussian", "labelled_ring")
+        },
     }
 )
 _HYDRA_KEYS = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .models import ClippedModel, Model
+from .nets.embedding import check_class_labels, refuse_class_labels
 from .schedules import DiscreteVP
 from .sde import SDE
 
@@ -88,6 +89,10 @@ class DiffusersUNet(nn.Module):
         self.unet = unet
         self.N = int(N)
         self.learn_variance = learn_variance
+        # a class embedding of n rows (config num_class_embeds): classes 0..n-2, row n-1 the null class
+        # (sdediff's convention: label K of a K-class net is the unconditional one)
+        n_embeds = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+        self.num_classes = int(n_embeds) - 1 if n_embeds else 0
 
     def index(self, t: Tensor) -> Tensor:
         """The (float32) diffusers timestep for sdediff times ``t``."""
@@ -96,9 +101,18 @@ class DiffusersUNet(nn.Module):
         u = torch.where((u - r).abs() <= SNAP, r, u)
         return u.clamp(0.0, self.N - 1.0).to(torch.float32)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         p = next(self.unet.parameters())
-        out = self.unet(x.to(p.dtype), self.index(t).to(x.device), return_dict=False)[0]
+        kw = {}
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+            else:
+                check_class_labels(class_labels, x.shape[0], self.num_classes, "from_diffusers")
+            kw["class_labels"] = class_labels.to(x.device)
+        else:
+            refuse_class_labels(class_labels, "from_diffusers")
+        out = self.unet(x.to(p.dtype), self.index(t).to(x.device), return_dict=False, **kw)[0]
         return out.to(x.dtype)
 
 
@@ -302,10 +316,16 @@ def from_diffusers(
     else:  # DDIM / PNDM have no variance option; DDIM's eta = 1 is the posterior's beta-tilde
         variance = "small"
     learn_variance = variance == "learned"
-    if ucfg.get("num_class_embeds") is not None or ucfg.get("class_embed_type") is not None:
+    if ucfg.get("class_embed_type") is not None:
         raise DiffusersError(
-            "the U-Net is class-conditional (num_class_embeds / class_embed_type); "
-            "sdediff loads unconditional ones"
+            f"the U-Net's class_embed_type is {ucfg.get('class_embed_type')!r}; sdediff loads unconditional "
+            "U-Nets and class-conditional ones with a plain class table (num_class_embeds, last row = null)"
+        )
+    n_embeds = ucfg.get("num_class_embeds")
+    if n_embeds is not None and (isinstance(n_embeds, bool) or not isinstance(n_embeds, int) or n_embeds < 2):
+        raise DiffusersError(
+            f"the U-Net's num_class_embeds is {n_embeds!r}; a class-conditional U-Net needs >= 2 rows "
+            "(its classes and, last, the null class)"
         )
     c_in, c_out = ucfg.get("in_channels", 3), ucfg.get("out_channels", 3)
     if c_out != (2 if learn_variance else 1) * c_in:

@@ -148,9 +148,16 @@ class Model(nn.Module):
         c = lam if self.c_noise == "log_snr" else lam * -0.125
         return x_in, c.to(x.device, tb.dtype)
 
-    def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    @property
+    def num_classes(self) -> int:
+        """``K`` of a class-conditional net (its ``num_classes``; label ``K`` is the null class), else 0."""
+        return int(getattr(self.net if "net" in self._modules else self._fn, "num_classes", 0) or 0)
+
+    def _call_full(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         net = self.net if "net" in self._modules else self._fn
-        out = net(x, t)
+        out = net(x, t) if class_labels is None else net(x, t, class_labels=class_labels)
         if not self.learn_variance:
             return out, None
         if out.ndim < 2 or out.shape[1] != 2 * x.shape[1] or out.shape[2:] != x.shape[2:]:
@@ -161,42 +168,47 @@ class Model(nn.Module):
         mean, v = out.chunk(2, dim=1)
         return mean, v
 
-    def _call_net(self, x: Tensor, t: Tensor) -> Tensor:
-        return self._call_full(x, t)[0]
+    def _call_net(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self._call_full(x, t, class_labels)[0]
 
-    def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
+    def predict_with_v(
+        self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``(prediction of kind, v)`` from one network call; ``v`` is None unless :attr:`learn_variance`."""
         check_kind(kind, "kind")
-        out, v = self._call_full(*self.net_inputs(x, t, sde))
+        out, v = self._call_full(*self.net_inputs(x, t, sde), class_labels)
         return self._convert(out, x, t, sde, kind), v
 
-    def forward(self, x: Tensor, t, with_v: bool = False):
+    def forward(self, x: Tensor, t, with_v: bool = False, class_labels: Tensor | None = None):
         """The bare network output (of kind :attr:`prediction`) on the inputs as given (per-sample times,
         or the net inputs of :meth:`net_inputs` for a preconditioned model); with ``with_v`` the pair
         ``(prediction, v)`` (``v`` None unless :attr:`learn_variance`)."""
         if with_v:
-            return self._call_full(x, _batch_times(t, x))
-        return self._call_net(x, _batch_times(t, x))
+            return self._call_full(x, _batch_times(t, x), class_labels)
+        return self._call_net(x, _batch_times(t, x), class_labels)
 
-    def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
-        """The prediction of kind ``kind`` at ``(x, t)`` under ``sde``."""
+    def predict(
+        self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
+    ) -> Tensor:
+        """The prediction of kind ``kind`` at ``(x, t)`` under ``sde``; ``class_labels`` (int64 ``(B,)``,
+        or None for the unconditional prediction) go to a class-conditional net by keyword."""
         check_kind(kind, "kind")
-        return self._convert(self._call_net(*self.net_inputs(x, t, sde)), x, t, sde, kind)
+        return self._convert(self._call_net(*self.net_inputs(x, t, sde), class_labels), x, t, sde, kind)
 
     def _convert(self, out: Tensor, x: Tensor, t, sde: SDE, kind: str) -> Tensor:
         return _to_kind(out, self.prediction, x, t, sde, kind, self.sigma_data)
 
-    def eps(self, x: Tensor, t, sde: SDE) -> Tensor:
-        return self.predict(x, t, sde, "eps")
+    def eps(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
+        return self.predict(x, t, sde, "eps", class_labels=class_labels)
 
-    def x0(self, x: Tensor, t, sde: SDE) -> Tensor:
-        return self.predict(x, t, sde, "x0")
+    def x0(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
+        return self.predict(x, t, sde, "x0", class_labels=class_labels)
 
-    def score(self, x: Tensor, t, sde: SDE) -> Tensor:
-        return self.predict(x, t, sde, "score")
+    def score(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
+        return self.predict(x, t, sde, "score", class_labels=class_labels)
 
-    def v(self, x: Tensor, t, sde: SDE) -> Tensor:
-        return self.predict(x, t, sde, "v")
+    def v(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
+        return self.predict(x, t, sde, "v", class_labels=class_labels)
 
 
 def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str, sigma_data=None) -> Tensor:
@@ -248,11 +260,19 @@ class _Wrapped(Model):
     def __init__(self, wrapper, inner: Model):
         super().__init__(wrapper, inner.prediction, sigma_data=inner.sigma_data, c_noise=inner.c_noise)
         self.learn_variance = inner.learn_variance
+        self._num_classes = inner.num_classes
 
-    def _call_full(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def _call_full(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        kw = {} if class_labels is None else {"class_labels": class_labels}
         if self.learn_variance:
-            return self.net(x, t, with_v=True)
-        return self.net(x, t), None
+            return self.net(x, t, with_v=True, **kw)
+        return self.net(x, t, **kw), None
 
 
 class ClippedModel(Model):
@@ -309,18 +329,26 @@ class ClippedModel(Model):
         s = torch.quantile(work.abs(), ratio, dim=1).clamp(1.0, max_value).unsqueeze(1)
         return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).view_as(x0)
 
-    def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> tuple[Tensor, Tensor | None]:
+    @property
+    def num_classes(self) -> int:
+        return self.inner.num_classes
+
+    def predict_with_v(
+        self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         check_kind(kind, "kind")
-        x0, v = self.inner.predict_with_v(x, t, sde, "x0")
+        x0, v = self.inner.predict_with_v(x, t, sde, "x0", class_labels=class_labels)
         return _to_kind(self.clip(x0), "x0", x, t, sde, kind, self.sigma_data), v
 
-    def predict(self, x: Tensor, t, sde: SDE, kind: str = "eps") -> Tensor:
+    def predict(
+        self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
+    ) -> Tensor:
         check_kind(kind, "kind")
-        x0 = self.clip(self.inner.predict(x, t, sde, "x0"))
+        x0 = self.clip(self.inner.predict(x, t, sde, "x0", class_labels=class_labels))
         return _to_kind(x0, "x0", x, t, sde, kind, self.sigma_data)
 
-    def forward(self, x: Tensor, t, with_v: bool = False):
-        out, v = self.predict_with_v(x, t, self.sde, self.prediction)
+    def forward(self, x: Tensor, t, with_v: bool = False, class_labels: Tensor | None = None):
+        out, v = self.predict_with_v(x, t, self.sde, self.prediction, class_labels=class_labels)
         return (out, v) if with_v else out
 
 

@@ -16,7 +16,14 @@ from torch import Tensor
 from .errors import ArgumentError
 from .sde import SDE
 
-__all__ = ["GaussianMixture", "ring_mixture", "random_gaussian", "affine_law", "gaussian_kl_full"]
+__all__ = [
+    "GaussianMixture",
+    "ring_mixture",
+    "random_gaussian",
+    "affine_law",
+    "gaussian_kl_full",
+    "labelled_ring",
+]
 
 
 class GaussianMixture:
@@ -27,9 +34,15 @@ class GaussianMixture:
         covs: ``(K, D, D)`` symmetric positive semi-definite covariances, ``(K, D)`` diagonals,
             or ``(D, D)`` / ``(D,)`` for one component.
         weights: ``(K,)`` non-negative weights (normalised here); uniform if omitted.
+        classes: optional component -> class map, ``(K,)`` integers in ``0..C-1`` (C = ``num_classes``,
+            default ``max + 1``). Then the mixture is class-labelled: ``log_prob``/``score``/``eps``
+            take ``class_labels`` (``(B,)`` ints, or None; label ``C`` is the null class = unconditional)
+            and give the exact conditional law ``p_t(x | y)`` (the components of class ``y``, renormalised)
+            at every time of every schedule; :meth:`guided_eps` is the exact guided prediction and
+            :meth:`log_posterior` the exact ``log p(y | x_t)``.
     """
 
-    def __init__(self, means, covs, weights=None):
+    def __init__(self, means, covs, weights=None, classes=None, num_classes: int | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if means.ndim == 1:
@@ -64,6 +77,7 @@ class GaussianMixture:
         self.weights = weights / weights.sum()
         self.evals, self.evecs = evals.clamp(min=0), evecs
         self.K, self.D = K, D
+        self.classes, self.num_classes = _class_map(classes, num_classes, K)
 
     # -- data law -------------------------------------------------------------------------------------
     @property
@@ -107,25 +121,29 @@ class GaussianMixture:
         logn = -0.5 * (y * y / var).sum(-1) - 0.5 * var.log().sum(-1) - 0.5 * self.D * math.log(2 * math.pi)
         return y, var, logn + self.weights.to(dev).log()[None], sigma, evecs
 
-    def log_prob(self, x: Tensor, t, sde: SDE) -> Tensor:
-        """Exact ``log p_t(x)`` of the noised marginal (nats, one value per sample, float64)."""
+    def log_prob(self, x: Tensor, t, sde: SDE, class_labels=None) -> Tensor:
+        """Exact ``log p_t(x)`` of the noised marginal (nats, one value per sample, float64); with
+        ``class_labels`` the class-conditional ``log p_t(x | y)``."""
         _, _, logw, _, _ = self._components(x, t, sde)
-        return torch.logsumexp(logw, dim=1)
+        logw, log_py = self._condition(logw, class_labels)
+        return torch.logsumexp(logw, dim=1) - log_py
 
-    def score(self, x: Tensor, t, sde: SDE) -> Tensor:
-        """Exact ``grad_x log p_t(x)``, shaped and typed like ``x``."""
+    def score(self, x: Tensor, t, sde: SDE, class_labels=None) -> Tensor:
+        """Exact ``grad_x log p_t(x)`` (or ``grad_x log p_t(x | y)``), shaped and typed like ``x``."""
         y, var, logw, _, evecs = self._components(x, t, sde)
+        logw, _ = self._condition(logw, class_labels)
         resp = torch.softmax(logw, dim=1)  # (B, K)
         comp = torch.einsum("kij,bkj->bki", evecs, -y / var)  # U_k (-(y/var))
         return (resp[:, :, None] * comp).sum(1).reshape(x.shape).to(x.dtype)
 
-    def eps(self, x: Tensor, t, sde: SDE) -> Tensor:
-        """Exact eps-prediction ``-sigma(t) * score``, shaped and typed like ``x``."""
+    def eps(self, x: Tensor, t, sde: SDE, class_labels=None) -> Tensor:
+        """Exact eps-prediction ``-sigma(t) * score`` (conditional with ``class_labels``), shaped and typed
+        like ``x``."""
         t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         if t64.ndim == 0:
             t64 = t64.expand(x.shape[0])
         sigma = sde.marginal(t64)[1].to(x.device)
-        s = self.score(x, t64, sde).to(torch.float64).reshape(x.shape[0], -1)
+        s = self.score(x, t64, sde, class_labels).to(torch.float64).reshape(x.shape[0], -1)
         return (-sigma[:, None] * s).reshape(x.shape).to(x.dtype)
 
     def sample_marginal(self, n: int, t, sde: SDE, generator: torch.Generator | None = None) -> Tensor:
@@ -142,15 +160,130 @@ class GaussianMixture:
         return alpha * self.mean, 0.5 * (cov + cov.T)
 
     def model(self, sde: SDE):
-        """The exact eps-predictor as a plain callable ``(x, t) -> eps``, usable wherever a net is."""
+        """The exact eps-predictor as a plain callable ``(x, t) -> eps``, usable wherever a net is; for
+        a class-labelled mixture ``(x, t, class_labels=None) -> eps`` with ``num_classes`` and
+        ``class_prior`` (what :func:`sdediff.guided` and :func:`sdediff.classify` read)."""
+        if self.classes is not None:
+            return _ConditionalOracle(self, sde)
 
         def exact_eps(x: Tensor, t: Tensor) -> Tensor:
             return self.eps(x, t, sde)
 
         return exact_eps
 
+    # -- class labels ---------------------------------------------------------------------------------
+    @property
+    def class_prior(self) -> Tensor:
+        """``p(y)``: the total weight of each class's components (float64, ``(C,)``)."""
+        self._need_classes("class_prior")
+        return torch.zeros(self.num_classes, dtype=torch.float64).index_add_(0, self.classes, self.weights)
+
+    def _need_classes(self, what: str) -> None:
+        if self.classes is None:
+            raise ArgumentError(
+                "classes", None, f"must be given (a component -> class map) to use {what}", "GaussianMixture"
+            )
+
+    def _condition(self, logw: Tensor, class_labels) -> tuple[Tensor, Tensor]:
+        """``(log w_k N_k restricted to each row's class, log p(y) per row)``; rows labelled None or the
+        null class ``C`` keep every component (log p = 0)."""
+        if class_labels is None:
+            return logw, torch.zeros(logw.shape[0], dtype=logw.dtype, device=logw.device)
+        self._need_classes("class_labels")
+        B, C = logw.shape[0], self.num_classes
+        labels = torch.as_tensor(class_labels, device=logw.device)
+        if labels.ndim == 0:
+            labels = labels.expand(B)
+        if labels.dtype.is_floating_point or tuple(labels.shape) != (B,):
+            raise ArgumentError(
+                "class_labels", tuple(labels.shape), f"must be ints of shape ({B},)", "GaussianMixture"
+            )
+        if bool(((labels < 0) | (labels > C)).any()):
+            raise ArgumentError(
+                "class_labels", labels.tolist(), f"must lie in 0..{C} ({C} = null)", "GaussianMixture"
+            )
+        null = labels == C
+        keep = (self.classes.to(logw.device)[None, :] == labels[:, None]) | null[:, None]
+        log_py = self.class_prior.to(logw.device).log()[labels.clamp(max=C - 1)]
+        return logw.masked_fill(~keep, -math.inf), torch.where(null, torch.zeros_like(log_py), log_py)
+
+    def log_posterior(self, x: Tensor, t, sde: SDE) -> Tensor:
+        """Exact ``log p(y | x_t)`` for every class (float64, ``(B, C)``)."""
+        self._need_classes("log_posterior")
+        _, _, logw, _, _ = self._components(x, t, sde)
+        C = self.num_classes
+        per = torch.full((logw.shape[0], C), -math.inf, dtype=logw.dtype, device=logw.device)
+        for c in range(C):
+            sel = self.classes.to(logw.device) == c
+            if bool(sel.any()):
+                per[:, c] = torch.logsumexp(logw[:, sel], dim=1)
+        return per - torch.logsumexp(logw, dim=1, keepdim=True)
+
+    def guided_eps(self, x: Tensor, t, sde: SDE, class_labels, scale: float) -> Tensor:
+        """The exact guided eps ``eps(x) + scale (eps(x | y) - eps(x))`` (float64 arithmetic)."""
+        xx = x.to(torch.float64)
+        u = self.eps(xx, t, sde)
+        c = self.eps(xx, t, sde, class_labels)
+        return (u + float(scale) * (c - u)).to(x.dtype)
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` exact samples with their class labels: ``(x (n, D) float64, y (n,) int64)``."""
+        self._need_classes("sample_labelled")
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
+        scale = self.evecs[comp] * self.evals[comp].sqrt()[:, None, :]
+        return self.means[comp] + torch.einsum("nij,nj->ni", scale, z), self.classes[comp].clone()
+
+    def class_mixture(self, c: int) -> GaussianMixture:
+        """The data law of class ``c`` alone (its components, renormalised) as a mixture."""
+        self._need_classes("class_mixture")
+        sel = self.classes == int(c)
+        return GaussianMixture(self.means[sel], self.covs[sel], self.weights[sel])
+
     def __repr__(self) -> str:
-        return f"GaussianMixture(K={self.K}, D={self.D})"
+        extra = f", classes={self.num_classes}" if self.classes is not None else ""
+        return f"GaussianMixture(K={self.K}, D={self.D}{extra})"
+
+
+def _class_map(classes, num_classes, K: int):
+    """``(classes (K,) int64 or None, C)`` checked."""
+    if classes is None:
+        if num_classes is not None:
+            raise ArgumentError("num_classes", num_classes, "needs classes (the component -> class map)")
+        return None, 0
+    classes = torch.as_tensor(classes)
+    if classes.dtype.is_floating_point or classes.dtype == torch.bool or tuple(classes.shape) != (K,):
+        raise ArgumentError(
+            "classes",
+            tuple(classes.shape),
+            f"must be ({K},) integers, one class per component",
+            "GaussianMixture",
+        )
+    classes = classes.to(torch.long)
+    C = int(classes.max()) + 1 if num_classes is None else num_classes
+    if isinstance(C, bool) or int(C) != C or int(classes.min()) < 0 or int(classes.max()) >= C:
+        raise ArgumentError(
+            "classes", classes.tolist(), f"must lie in 0..num_classes-1 (num_classes={C})", "GaussianMixture"
+        )
+    return classes, int(C)
+
+
+class _ConditionalOracle:
+    """The exact conditional eps-predictor ``net(x, t, class_labels=None)`` of a class-labelled mixture."""
+
+    def __init__(self, gm: GaussianMixture, sde: SDE):
+        self.gm, self.sde = gm, sde
+        self.num_classes = gm.num_classes
+        self.class_prior = gm.class_prior
+
+    def __call__(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.gm.eps(x, t, self.sde, class_labels)
+
+
+def labelled_ring(k: int = 8, radius: float = 2.0, var: float = 0.05) -> GaussianMixture:
+    """:func:`ring_mixture` with one class per mode (component ``i`` is class ``i``): toy2d_cond's law."""
+    gm = ring_mixture(k, radius, var)
+    return GaussianMixture(gm.means, gm.covs, gm.weights, classes=torch.arange(k))
 
 
 def ring_mixture(k: int = 8, radius: float = 2.0, var: float = 0.05) -> GaussianMixture:

@@ -256,7 +256,7 @@ CASES = [
     (
         "train",
         "experiment=nope",
-        r"experiment=nope: no such experiment config; choose one of cifar10, digits, toy2d",
+        r"experiment=nope: no such experiment config; choose one of cifar10, digits, digits_cond, toy2d, toy2d_cond",
     ),
     (
         "train",

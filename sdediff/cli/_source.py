@@ -132,15 +132,21 @@ def _diffusers_source(folder: str, sde_from_config: bool, clip: bool | None) -> 
     return Source(model.eval(), sde, info["item_shape"], label, meta={"diffusers": info})
 
 
-def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int) -> tuple[torch.Tensor, str]:
-    """``(x, where from)``: ``data=...``, else the run's own test split, else the oracle's samples."""
+def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int, with_labels: bool = False):
+    """``(x, where from)``: ``data=...``, else the run's own test split, else the oracle's samples;
+    ``with_labels``: ``(x, labels or None, where from)`` (the data set's labels, -1 = unlabelled)."""
     from ..data import as_tensor
 
+    labels = None
     if cfg.get("data") is not None:
-        x = as_tensor(instantiate_at(cfg.data, "data"))
+        ds = instantiate_at(cfg.data, "data")
+        labels = getattr(ds, "labels", None)
+        x = as_tensor(ds)
         where = f"data={choice_name('data', cfg.data)}"
     elif src.oracle is not None:
         x = src.oracle.sample(n, generator=torch.Generator().manual_seed(seed)).float()
+        if with_labels:
+            return x, None, f"{n} exact samples of the {src.label}"
         return x, f"{n} exact samples of the {src.label}"
     else:
         stored = ((src.run_cfg or {}).get("eval") or {}).get("test_data")
@@ -151,7 +157,9 @@ def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int) -> tuple[to
                 "must be given: the run recorded no test split (eval.test_data); pass data=<config>",
             )
         check_targets(stored, "eval.test_data", src.meta.get("path", "the checkpoint"))
-        x = as_tensor(instantiate_at(OmegaConf.create(stored), "eval.test_data"))
+        ds = instantiate_at(OmegaConf.create(stored), "eval.test_data")
+        labels = getattr(ds, "labels", None)
+        x = as_tensor(ds)
         where = "the run's test split"
     if tuple(x.shape[1:]) != src.item_shape:
         raise ArgumentError(
@@ -159,4 +167,6 @@ def evaluation_data(cfg: DictConfig, src: Source, n: int, seed: int) -> tuple[to
             cfg.get("data"),
             f"must have the model's item shape {src.item_shape}, not {tuple(x.shape[1:])}",
         )
+    if with_labels:
+        return x[:n], (labels[:n] if torch.is_tensor(labels) else None), where
     return x[:n], where

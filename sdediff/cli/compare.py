@@ -3,6 +3,11 @@
     sdediff-compare oracle=gmm2d
     sdediff-compare oracle=gaussian 'steps=[5,10,20]' 'samplers=[dpm_solver,pf_ode]'
     sdediff-compare ckpt=outputs/2026-01-01/12-00-00 'samplers=[ancestral,dpm_solver]'
+    sdediff-compare ckpt=<conditional run> 'guidance=[1,2,4]' 'samplers=[dpm_solver]'   # a guidance sweep
+
+``guidance=[...]`` (a class-conditional checkpoint) runs every sampler and steps at every guidance
+scale (:func:`sdediff.guided`; rows named ``sampler@scale``), the samples' labels cycling through the
+classes (``class_labels=[...]`` to choose them), ``guidance_interval=[lo, hi]`` as in sdediff-sample.
 
 All runs start from the same ``x_T`` (for an oracle, exact draws of its marginal p_T, so that no prior
 mismatch is a floor every sampler shares). Errors:
@@ -31,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ArgumentError
+from ..guidance import guided
 from ..metrics import sliced_w2  # noqa: F401 (one implementation; sdediff.cli.compare.sliced_w2 still works)
 from ..outputs import csv_text, write_output
 from ..samplers import SAMPLERS, sample
@@ -124,6 +130,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
                 raise ArgumentError("steps", steps, f"does not fit sampler {name}: {e}") from None
     log = run_logger()
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
+    scales, labels, interval = _guidance_sweep(cfg, model, src.meta)
     g = torch.Generator().manual_seed(seed)
     if src.oracle is not None:  # exact draws of p_T: no prior mismatch
         x_T = src.oracle.sample_marginal(cfg.n, sde.T, sde, generator=g).float().to(device)
@@ -138,10 +145,10 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     data_label = "exact samples" if src.oracle is not None else "the run's test split"
     qual = _quality_setup(cfg, src, shape, seed, log)
     gaussian = src.oracle is not None and src.oracle.K == 1
-    refs: dict[float, torch.Tensor] = {}
+    refs: dict[tuple, torch.Tensor] = {}
 
-    def reference(t_end: float) -> torch.Tensor:
-        if t_end not in refs:
+    def reference(t_end: float, model=model, key=None) -> torch.Tensor:
+        if (t_end, key) not in refs:
             sch = sde.schedule
             stop = t_end if float(sch.sigma(t_end)) > 0 else float(sch.default_t_min)
             kw = dict(method="dopri5", rtol=cfg.reference.rtol, atol=cfg.reference.atol)
@@ -151,17 +158,19 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
 
                 with torch.no_grad():
                     x = as_model(model).x0(x, torch.full((len(x),), stop, dtype=torch.float64), sde)
-            refs[t_end] = x.cpu()
-        return refs[t_end]
+            refs[(t_end, key)] = x.cpu()
+        return refs[(t_end, key)]
 
     rows, panels = [], []
-    combos = [(s, n) for s in cfg.samplers for n in cfg.steps]
+    combos = [(s, n, w) for s in cfg.samplers for w in scales for n in cfg.steps]
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(combos), desc=PROG, unit="run")
-    for name, steps in combos:
+    base = model
+    for name, steps, scale in combos:
+        model = base if scale is None else guided(base, labels, scale, interval)
         det = spec_of(SAMPLERS[name]).is_deterministic({})
         t0 = time.perf_counter()
         x, info = sample(
@@ -180,7 +189,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
                 "samplers", name, f"gives non-finite samples at steps={steps}; drop it or add steps"
             )
         row = {
-            "sampler": name,
+            "sampler": name if scale is None else f"{name}@{scale:g}",
             "steps": steps,
             "nfe": info.nfe,
             "seconds": round(seconds, 4),
@@ -200,18 +209,21 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             row.update(fd=q["fd"], kid=q["kid"], kid_stderr=q["kid_stderr"])
             qual["floor"], qual["n"] = q["floor"], q["n"]
         if det:
-            ref = reference(float(info.times[-1]))
+            ref = reference(float(info.times[-1]), model, scale)
             row["rms_to_reference"] = float((x - ref).pow(2).mean().sqrt())
             if gaussian:
                 row["kl"] = _affine_kl(model, sde, name, steps, src.oracle, device)
+        if scale is not None:
+            row["guidance"] = scale
         rows.append(row)
-        panels.append((f"{name}, {steps} steps ({info.nfe} NFE)", x[:2000]))
+        panels.append((f"{row['sampler']}, {steps} steps ({info.nfe} NFE)", x[:2000]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     out = output_dir(cfg)
-    write_output(out / "compare.csv", csv_text(rows, COLUMNS))
+    columns = COLUMNS + (("guidance",) if scales != [None] else ())
+    write_output(out / "compare.csv", csv_text(rows, columns))
     title = f"{src.label}, {type(sde.schedule).__name__}"
     png = _error_figure(rows, out / "compare.png", title, floor, data_label, qual)
     if exact is not None:  # a first row with the data alone; then one row per sampler, one column per steps
@@ -230,6 +242,30 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         "seconds": took,
         "paths": {"csv": str(out / "compare.csv"), "png": str(png), "samples_png": str(grid)},
     }
+
+
+def _guidance_sweep(cfg: DictConfig, model, meta) -> tuple[list, torch.Tensor | None, tuple | None]:
+    """``([scales] or [None], labels for the n samples, interval)`` from ``guidance=`` / ``class_labels=``."""
+    from ._classes import check_guidance, class_plan
+    from ._common import to_plain
+
+    g = cfg.get("guidance")
+    if g is None:
+        if cfg.get("class_labels") is not None or cfg.get("guidance_interval") is not None:
+            raise ArgumentError("guidance", None, "must be a list of scales (e.g. [1,2,4]) with class_labels")
+        return [None], None, None
+    g = to_plain(g) if not isinstance(g, int | float) else [g]
+    if not isinstance(g, list) or not g:
+        raise ArgumentError("guidance", g, "must be a non-empty list of scales, e.g. [1,2,4]")
+    scales = [check_guidance(v, None)[0] for v in g]
+    _, interval = check_guidance(None, cfg.get("guidance_interval"))
+    cl = cfg.get("class_labels")
+    cl = cl if isinstance(cl, str | None) else to_plain(cl)
+    from ..models import as_model
+
+    K = as_model(model).num_classes
+    labels, _, _ = class_plan(cl if cl is not None else list(range(max(K, 1))), cfg.n, model, meta)
+    return scales, labels, interval
 
 
 def _affine_kl(model, sde, name, steps, gm, device) -> float:

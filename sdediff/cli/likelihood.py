@@ -3,6 +3,11 @@
     sdediff-likelihood oracle=gmm2d n=500
     sdediff-likelihood ckpt=outputs/2026-01-01/12-00-00
     sdediff-likelihood ckpt=<run> data=digits data.split=val pf_ode.trace=hutchinson pf_ode.probes=4
+    sdediff-likelihood ckpt=<conditional run> conditional=true   # + log p(x | own label)
+
+With ``conditional=true`` (a class-conditional checkpoint and labelled data) the PF-ODE also scores
+every item under its own label, ``log p(x | y)`` (the model :func:`sdediff.guided` at scale 1), in a row
+beside the unconditional ``log p(x)``.
 
 For every batch of the evaluation data: the PF-ODE log-density (:func:`sdediff.log_likelihood`, exact
 trace or Hutchinson; 8-bit data through :func:`sdediff.bits_per_dim`'s uniform dequantization), DDPM's
@@ -24,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ArgumentError
+from ..guidance import guided
 from ..lattice import on_lattice
 from ..likelihood import bits_per_dim, continuous_elbo, discrete_vlb, log_likelihood
 from ..outputs import csv_text, write_output
@@ -106,6 +112,26 @@ def _mean_se(v: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), se
 
 
+def _check_conditional(flag, model, labels) -> bool:
+    """``conditional=true`` needs a class-conditional model and data labelled 0..K-1."""
+    if not isinstance(flag, bool):
+        raise ArgumentError("conditional", flag, "must be true or false")
+    if not flag:
+        return False
+    from ..models import as_model
+
+    K = as_model(model).num_classes
+    if K < 1:
+        raise ArgumentError(
+            "conditional", True, "needs a class-conditional checkpoint (this model has no classes)"
+        )
+    if labels is None or bool((labels < 0).any()) or bool((labels >= K).any()):
+        raise ArgumentError(
+            "conditional", True, f"needs data labelled 0..{K - 1} (these items are unlabelled or not)"
+        )
+    return True
+
+
 def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     _check(cfg)
@@ -119,7 +145,8 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         for key in ("pf_ode", "elbo"):
             if not overridden(f"{key}.t_eps"):
                 cfg[key].t_eps = 1.0 / info["N"]
-    x, where = evaluation_data(cfg, src, cfg.n, seed)
+    x, labels, where = evaluation_data(cfg, src, cfg.n, seed, with_labels=True)
+    conditional = _check_conditional(cfg.get("conditional", False), src.model, labels)
     if not x.is_floating_point() or not bool(torch.isfinite(x.float()).all()):
         raise ArgumentError("data", where, "must hold finite floating-point values")
     eight_bit = x.ndim >= 3 and on_lattice(x)
@@ -183,6 +210,16 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             else:
                 r = log_likelihood(model, src.sde, xb, **kw)
                 record(pf_name, -r.logp, r.nfe, time.perf_counter() - t)
+            if conditional:  # the same items under their own labels: -log p(x | y)
+                t = time.perf_counter()
+                yb = labels[b * cfg.batch_size : b * cfg.batch_size + len(xb)]
+                mc = guided(model, yb, 1.0)
+                if eight_bit:
+                    r = bits_per_dim(mc, src.sde, xb, repeats=pf.repeats, **kw)
+                    record(f"{pf_name} | own label", r.bpd, r.nfe, time.perf_counter() - t)
+                else:
+                    r = log_likelihood(mc, src.sde, xb, **kw)
+                    record(f"{pf_name} | own label", -r.logp, r.nfe, time.perf_counter() - t)
         except ArgumentError as e:  # a solve gone non-finite names its knob: as the config key
             if e.key not in ("x", "model") and e.key not in pf:
                 raise

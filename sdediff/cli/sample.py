@@ -3,6 +3,14 @@
     sdediff-sample ckpt=outputs/2026-01-01/12-00-00                        # dpm_solver, 20 steps, 64 samples
     sdediff-sample ckpt=<run dir> sampler=ancestral steps=1000 n=500 seed=1
     sdediff-sample ckpt=<run>/checkpoints/step_0004000.json weights=model sampler=pf_ode steps=100
+    sdediff-sample ckpt=<conditional run> class_labels=[3] guidance=2.0     # classifier-free guidance
+    sdediff-sample ckpt=<conditional run> class_labels=all guidance=2.0    # one row per class, named
+
+A class-conditional checkpoint (``model.net.num_classes > 0``) samples unconditionally by default;
+``class_labels=[...]`` (classes or class names, cycled over the samples) or ``class_labels=all``
+conditions it, ``guidance=`` is the classifier-free guidance scale (:func:`sdediff.guided`; default 1,
+the conditional model) and ``guidance_interval=[sigma_lo, sigma_hi]`` limits guidance to those noise
+levels. The labels are stored beside the samples (``samples.npz``'s ``labels``).
 
 The checkpoint (safetensors + JSON, read without unpickling) carries the run's config: the model is
 rebuilt from it and given the EMA weights (``weights=ema``, default) or the raw ones; the SDE is the
@@ -23,8 +31,10 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import ArgumentError
+from ..guidance import guided
 from ..training import resolve_device
 from . import _report
+from ._classes import check_guidance, class_plan, describe, save_class_figure
 from ._common import (
     check_out_dir,
     check_sampler,
@@ -35,6 +45,7 @@ from ._common import (
     overridden,
     preflight,
     run_logger,
+    to_plain,
 )
 from ._outputs import command
 from ._source import load_source
@@ -70,30 +81,40 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         cfg.sampler.options.variance = info["variance"]
     sampler = instantiate_at(cfg.sampler, "sampler")
     check_sampler(sampler, src.sde, src.item_shape, bool(getattr(src.model, "learn_variance", False)))
+    scale, interval = check_guidance(cfg.get("guidance"), cfg.get("guidance_interval"))
+    cl = cfg.get("class_labels")
+    labels, names, n = class_plan(
+        cl if isinstance(cl, str | None) else to_plain(cl), cfg.n, src.model, src.meta
+    )
+    if labels is None and (scale is not None or interval is not None):
+        raise ArgumentError("guidance", cfg.get("guidance"), "needs class_labels=[...] or class_labels=all")
 
     # -- sample ---------------------------------------------------------------------------------------
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
-    chunks, nfe, pilot, traj = [], 0, 0, []
-    batches = range(0, cfg.n, cfg.batch_size)
+    chunks, nfe, pilot, traj, rows = [], 0, 0, [], 0
+    batches = range(0, n, cfg.batch_size)
     bar = None
     if cfg.get("progress", True) and len(batches) > 1:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.n, desc=f"{PROG} {sampler.label}", unit="sample")
+        bar = tqdm(total=n, desc=f"{PROG} {sampler.label}", unit="sample")
 
     def keep(info):  # the first batch's trajectories: x at every grid time (2-D data only)
         traj.append(info["x"][:32].detach().cpu())
 
     with torch.no_grad():
         for start in batches:
-            b = min(cfg.batch_size, cfg.n - start)
+            b = min(cfg.batch_size, n - start)
             cb = keep if (cfg.get("trajectories") and start == 0 and len(src.item_shape) == 1) else None
+            net = model
+            if labels is not None:
+                net = guided(model, labels[start : start + b], 1.0 if scale is None else scale, interval)
             x, info = sampler(
-                model, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
+                net, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
             )
             chunks.append(x.cpu())
-            nfe, pilot = max(nfe, info.nfe), pilot + info.pilot_nfe
+            nfe, pilot, rows = max(nfe, info.nfe), pilot + info.pilot_nfe, rows + info.rows
             if bar is not None:
                 bar.update(b)
     if bar is not None:
@@ -107,7 +128,12 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}"
     if pilot:
         what += f" (grid fitted on {pilot} pilot NFE, not counted above)"
-    paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
+    what += describe(labels, names, scale, interval)
+    if labels is not None:
+        what += f" ({rows} network rows)"
+        paths = _save_labelled(samples, labels, names, out, f"{src.label}: {what}")
+    else:
+        paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
     if traj:
         traj.append(samples[:32])
         paths["trajectories"] = str(
@@ -115,7 +141,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         )
     took = time.perf_counter() - t0
     run_logger()(
-        f"{PROG}: {cfg.n} samples of shape {src.item_shape} from {src.label} with {what} in {took:.1f} s -> "
+        f"{PROG}: {n} samples of shape {src.item_shape} from {src.label} with {what} in {took:.1f} s -> "
         f"{paths.get('png', paths['npz'])}"
     )
     return {
@@ -125,7 +151,25 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         "nfe": nfe,
         "pilot_nfe": pilot,
         "seconds": took,
+        "labels": labels,
+        "class_names": names,
+        "rows": rows,
     }
+
+
+def _save_labelled(samples, labels, names, out, title: str) -> dict[str, str]:
+    """``samples.npz`` (samples and their labels) and ``samples.png`` (one row / colour per class)."""
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    npz = out / "samples.npz"
+    np.savez_compressed(
+        npz, samples=samples.float().numpy(), labels=labels.numpy(), class_names=np.array(names)
+    )
+    paths = {"npz": str(npz)}
+    if samples.ndim == 4 or (samples.ndim == 2 and samples.shape[1] == 2):
+        paths["png"] = str(save_class_figure(samples, labels, names, out / "samples.png", title))
+    return paths
 
 
 @hydra.main(config_path=config_dir(), config_name="sample_checkpoint", version_base="1.3")

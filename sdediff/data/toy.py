@@ -163,6 +163,23 @@ def mixture_dataset(mixture: Any, n: int = 10000, seed: int = 0) -> ArrayDataset
     return ArrayDataset(mixture_samples(mixture, n, seed=seed))
 
 
+def labelled_mixture_dataset(mixture: Any, n: int = 10000, seed: int = 0, classes=None) -> ArrayDataset:
+    """``n`` exact draws of a class-labelled oracle mixture (``GaussianMixture(..., classes=...)``) with
+    their labels, as a labelled :class:`ArrayDataset` (``classes``: optional class names)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ArgumentError("n", n, "must be an integer >= 1", "labelled_mixture_dataset")
+    if not callable(getattr(mixture, "sample_labelled", None)):
+        raise ArgumentError(
+            "mixture",
+            type(mixture).__name__,
+            "must be a class-labelled GaussianMixture",
+            "labelled_mixture_dataset",
+        )
+    x, y = mixture.sample_labelled(int(n), generator=_as_generator(seed))
+    names = list(classes) if classes is not None else None
+    return ArrayDataset(x.to(torch.float32), y, classes=names)
+
+
 # --------------------------------------------------------------------------------------------
 # scikit-learn digits
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ All schedule arithmetic is float64; model evaluations use the data's dtype and d
 
 from ..lattice import DATA_RANGES, dequantize, nats_to_bits_per_dim, to_lattice
 from .bounds import ContinuousELBO, DiscreteVLB, continuous_elbo, discrete_vlb
+from .classify import CLASSIFY_METHODS, class_prior_of, classify
 from .pf_ode import BitsPerDim, LogLikelihood, bits_per_dim, log_likelihood
 from .report import LikelihoodReport, likelihood_report
 
@@ -63,6 +64,9 @@ __all__ = [
     "discrete_vlb",
     "continuous_elbo",
     "likelihood_report",
+    "classify",
+    "class_prior_of",
+    "CLASSIFY_METHODS",
     "nats_to_bits_per_dim",
     "dequantize",
     "to_lattice",

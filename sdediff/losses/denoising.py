@@ -196,7 +196,13 @@ class DiffusionLoss:
 
     # -- the per-time term -------------------------------------------------------------------------------
     def term(
-        self, model, x0: Tensor, t, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        model,
+        x0: Tensor,
+        t,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
     ):
         """``ell(t)`` per sample for given times (no ``u/p`` factor), drawing ``x_t ~ q(x_t | x0)`` with
         ``noise`` (or fresh noise from ``generator``)."""
@@ -209,7 +215,7 @@ class DiffusionLoss:
             raise ValueError(f"{type(self).__name__}: times must have shape ({B},), got {tuple(t.shape)}")
         xt, eps = self.sde.marginal_sample(x0, t, noise=noise, generator=generator)
         space = self.prediction or model.prediction
-        pred = model.predict(xt, t, self.sde, kind=space)
+        pred = model.predict(xt, t, self.sde, kind=space, class_labels=class_labels)
         work = coef_dtype(x0)
         pred, xt_w, eps_w, x0_w = pred.to(work), xt.to(work), eps.to(work), x0.to(work)
         alpha64, sigma64 = self.sde.marginal(t)
@@ -254,10 +260,17 @@ class DiffusionLoss:
         self.time_sampler.load_state_dict(state)
 
     # -- the loss ---------------------------------------------------------------------------------------
-    def __call__(self, model, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample unbiased estimates ``ell(t) u(t)/p(t)`` of the objective, shape ``(B,)``."""
+    def __call__(
+        self,
+        model,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Per-sample unbiased estimates ``ell(t) u(t)/p(t)`` of the objective, shape ``(B,)``;
+        ``class_labels`` (int64 ``(B,)``, the null class where dropped) go to a conditional model."""
         t, weight = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
-        ell = self.term(model, x0, t, generator=generator)
+        ell = self.term(model, x0, t, generator=generator, class_labels=class_labels)
         self.last_t, self.last_term, self.last_weight = t, ell.detach(), weight
         if self.time_sampler.auto_update:
             self.time_sampler.update(t, ell.detach())

@@ -193,7 +193,13 @@ class HybridLoss(DiffusionLoss):
         return f"HybridLoss(lam={self.lam:g}, decoder={self.decoder!r}, time_sampler={self.time_sampler!r})"
 
     def term(
-        self, model, x0: Tensor, t, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        model,
+        x0: Tensor,
+        t,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
     ):
         model = as_model(model)
         if not model.learn_variance:
@@ -207,7 +213,7 @@ class HybridLoss(DiffusionLoss):
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
         t = t.expand(B) if t.ndim == 0 else t
         xt, eps = self.sde.marginal_sample(x0, t, noise=noise, generator=generator)
-        eps_hat, v = model.predict_with_v(xt, t, self.sde, "eps")
+        eps_hat, v = model.predict_with_v(xt, t, self.sde, "eps", class_labels=class_labels)
         work = coef_dtype(x0)
         eps_hat, v, xt_w, x0_w = eps_hat.to(work), v.to(work), xt.to(work), x0.to(work)
         simple = (eps_hat - eps.to(work)).pow(2).flatten(1).mean(1)

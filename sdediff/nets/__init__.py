@@ -3,8 +3,8 @@
 Both are called as ``net(x, t)`` with continuous times ``t`` of shape ``(B,)``.
 """
 
-from .embedding import FourierFeatures, TimeEmbedding, sinusoidal_embedding
+from .embedding import ClassEmbedding, FourierFeatures, TimeEmbedding, sinusoidal_embedding
 from .mlp import MLP
 from .unet import UNet
 
-__all__ = ["MLP", "UNet", "TimeEmbedding", "FourierFeatures", "sinusoidal_embedding"]
+__all__ = ["MLP", "UNet", "TimeEmbedding", "ClassEmbedding", "FourierFeatures", "sinusoidal_embedding"]

@@ -25,7 +25,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["sinusoidal_embedding", "FourierFeatures", "TimeEmbedding", "TIME_INPUTS", "EMBEDDINGS"]
+from ..errors import ArgumentError
+
+__all__ = [
+    "sinusoidal_embedding",
+    "FourierFeatures",
+    "TimeEmbedding",
+    "ClassEmbedding",
+    "check_class_labels",
+    "TIME_INPUTS",
+    "EMBEDDINGS",
+]
 
 TIME_INPUTS = ("t", "log_snr")
 EMBEDDINGS = ("sinusoidal", "fourier")
@@ -167,3 +177,58 @@ class TimeEmbedding(nn.Module):
             dtype = self.mlp[0].weight.dtype if self.mlp is not None else torch.float32
         emb = emb.to(dtype)
         return self.mlp(emb) if self.mlp is not None else emb
+
+
+class ClassEmbedding(nn.Module):
+    """Learned class embedding for a class-conditional net: ``num_classes + 1`` rows, index
+    ``num_classes`` being the *null* class (no label: what classifier-free guidance trains with
+    probability ``p_uncond`` and samples as the unconditional prediction).
+
+    Zero-initialised, so a fresh conditional net equals its unconditional counterpart; its output is
+    added to the time embedding. It also holds ``class_prior`` (a ``(num_classes,)`` buffer, uniform
+    until training stores the training labels' frequencies), the prior of :func:`sdediff.classify`.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.embed = nn.Embedding(self.num_classes + 1, int(dim))
+        nn.init.zeros_(self.embed.weight)
+        self.register_buffer("class_prior", torch.full((self.num_classes,), 1.0 / self.num_classes))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes} (+ null class {self.num_classes})"
+
+    def forward(self, class_labels: Tensor | None, batch: int, device, dtype: torch.dtype) -> Tensor:
+        """``(batch, dim)`` embeddings of ``class_labels`` (None: the null class for every row)."""
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        else:
+            check_class_labels(class_labels, batch, self.num_classes, "net")
+        return self.embed(class_labels.to(device)).to(dtype)
+
+
+def check_class_labels(class_labels, batch: int, num_classes: int, owner: str) -> None:
+    """Shape and dtype of a batch's labels (``(batch,)`` integers; values ``0..num_classes``, the last
+    the null class, are the embedding's to check: no host sync here)."""
+    if not torch.is_tensor(class_labels) or class_labels.dtype.is_floating_point or class_labels.is_complex():
+        raise ArgumentError(
+            "class_labels", type(class_labels).__name__, "must be an integer tensor of shape (batch,)", owner
+        )
+    if tuple(class_labels.shape) != (batch,):
+        raise ArgumentError(
+            "class_labels", tuple(class_labels.shape), f"must have shape ({batch},), one label per row", owner
+        )
+
+
+def refuse_class_labels(class_labels, owner: str) -> None:
+    """One line for class labels handed to an unconditional net."""
+    if class_labels is not None:
+        raise ArgumentError(
+            "class_labels",
+            "a tensor",
+            "must be None: this net is unconditional (build it with num_classes=K to condition on labels)",
+            owner,
+        )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .embedding import TimeEmbedding
+from .embedding import ClassEmbedding, TimeEmbedding, refuse_class_labels
 
 __all__ = ["MLP"]
 
@@ -47,6 +47,10 @@ class MLP(nn.Module):
         learn_variance: also output improved DDPM's variance interpolation ``v`` per feature: the
             output is ``cat([prediction, v], dim=1)``, each shaped like ``x`` (see
             :class:`sdediff.Model`'s ``learn_variance``).
+        num_classes: ``K > 0`` makes the net class-conditional: ``net(x, t, class_labels=y)`` with ``y``
+            an int64 ``(B,)`` tensor in ``0..K`` (``K`` = the null class, also what ``None`` means) adds a
+            learned, zero-initialised class embedding to the time embedding
+            (:class:`~sdediff.nets.embedding.ClassEmbedding`). ``0``: unconditional (labels refused).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         zero_init: bool = False,
         learn_variance: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("emb_dim", emb_dim)):
@@ -82,6 +87,9 @@ class MLP(nn.Module):
             time_transform=time_transform,
             embedding=embedding,
         )
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
         self.inp = nn.Linear(self.dim, self.hidden)
         self.blocks = nn.ModuleList(_Block(self.hidden, self.hidden, dropout) for _ in range(self.depth))
         self.out_norm = nn.LayerNorm(self.hidden)
@@ -91,16 +99,23 @@ class MLP(nn.Module):
         if zero_init:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+        # last, so that the other layers draw the same initial weights as an unconditional net's
+        self.class_embed = ClassEmbedding(self.num_classes, self.hidden) if self.num_classes else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         B = x.shape[0]
+        if self.class_embed is None:
+            refuse_class_labels(class_labels, "MLP")
         h = x.reshape(B, -1)
         if h.shape[1] != self.dim:
             raise ValueError(f"MLP: expected {self.dim} features per sample, got {h.shape[1]}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
-        temb = self.act(self.time_embed(t, dtype=x.dtype))
+        temb = self.time_embed(t, dtype=x.dtype)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(class_labels, B, x.device, temb.dtype)
+        temb = self.act(temb)
         h = self.inp(h)
         for block in self.blocks:
             h = block(h, temb)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embedding import TimeEmbedding
+from .embedding import ClassEmbedding, TimeEmbedding, refuse_class_labels
 
 __all__ = ["UNet"]
 
@@ -147,6 +147,9 @@ class UNet(nn.Module):
             :class:`~sdediff.nets.embedding.TimeEmbedding` (default ``1000 t``, sinusoidal).
         learn_variance: also output improved DDPM's variance interpolation ``v``: ``2 out_ch``
             channels, ``cat([prediction, v], dim=1)`` (see :class:`sdediff.Model`'s ``learn_variance``).
+        num_classes: ``K > 0``: class-conditional, ``net(x, t, class_labels=y)`` (int64 ``(B,)`` in
+            ``0..K``, ``K`` or ``None`` = the null class); a learned zero-initialised class embedding of
+            width ``4 ch`` is added to the time embedding. ``0``: unconditional (labels refused).
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class UNet(nn.Module):
         time_transform: Callable[[Tensor], Tensor] | None = None,
         embedding: str = "sinusoidal",
         learn_variance: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
@@ -208,6 +212,10 @@ class UNet(nn.Module):
             embedding=embedding,
         )
 
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+
         def res(i_ch, o_ch):
             return ResBlock(i_ch, o_ch, temb_dim, dropout, skip_rescale, scale_shift)
 
@@ -244,6 +252,8 @@ class UNet(nn.Module):
         self.learn_variance = bool(learn_variance)
         self.conv_out = nn.Conv2d(cur, self.out_ch * (2 if self.learn_variance else 1), 3, padding=1)
         self._init(zero_init)
+        # after the init, so that the other layers draw the same weights as an unconditional net's
+        self.class_embed = ClassEmbedding(self.num_classes, temb_dim) if self.num_classes else None
 
     def _init(self, zero_init: bool) -> None:
         for m in self.modules():
@@ -260,7 +270,9 @@ class UNet(nn.Module):
             for layer in last:
                 nn.init.zeros_(layer.weight)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        if self.class_embed is None:
+            refuse_class_labels(class_labels, "UNet")
         if x.ndim != 4 or x.shape[1] != self.in_ch:
             raise ValueError(f"UNet: expected input (B, {self.in_ch}, H, W), got {tuple(x.shape)}")
         f = 2 ** (len(self.ch_mult) - 1)
@@ -269,7 +281,10 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = F.silu(self.time_embed(t, dtype=x.dtype))
+        temb = self.time_embed(t, dtype=x.dtype)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(class_labels, x.shape[0], x.device, temb.dtype)
+        temb = F.silu(temb)
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:

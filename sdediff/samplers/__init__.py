@@ -96,7 +96,9 @@ class SampleInfo:
 
     ``pilot_nfe`` counts the model calls (on the pilot batch) this call spent fitting a
     ``grid="fitted"`` grid, never included in ``nfe``; 0 when the grid came from the cache or is a fixed
-    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids)."""
+    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids). ``rows`` counts the network
+    rows of the ``nfe`` evaluations (batch size per evaluation; twice that for a guided model, see
+    :func:`sdediff.guided`)."""
 
     nfe: int
     times: Tensor
@@ -104,6 +106,12 @@ class SampleInfo:
     steps: int
     pilot_nfe: int = 0
     fit: FittedGrid | None = None
+    rows: int = 0
+
+    @property
+    def network_rows(self) -> int:
+        """The same as :attr:`rows`."""
+        return self.rows
 
 
 def _positive_int(name: str, v) -> int:
@@ -343,7 +351,13 @@ def sample(
     if return_info:
         name = sampler if isinstance(sampler, str) else spec.name
         return x, SampleInfo(
-            nfe=ev.nfe, times=times, sampler=name, steps=steps, pilot_nfe=pilot_nfe, fit=fitted
+            nfe=ev.nfe,
+            times=times,
+            sampler=name,
+            steps=steps,
+            pilot_nfe=pilot_nfe,
+            fit=fitted,
+            rows=ev.rows,
         )
     return x
 

@@ -134,7 +134,8 @@ def _option_names(fn) -> frozenset[str] | None:
 # ---------------------------------------------------------------------------------------------------
 class Evaluator:
     """``(x, t) -> network output`` of kind :attr:`kind`, counting its calls (:attr:`nfe`, a Python int:
-    no sync).
+    no sync) and the network rows they cost (:attr:`rows`: the batch size per call, times the model's
+    ``rows_per_item``, 2 for a guided model's batched conditional + unconditional call).
 
     A plain :class:`~sdediff.Model` is called without its conversions (the steps fold them in) at
     times in the network's precision (x's dtype; float32 for bfloat16/half states, so a grid time is
@@ -156,14 +157,18 @@ class Evaluator:
         self.learn_variance = self._full is not None
         self.sde = sde
         self.nfe = 0
+        self.rows = 0
+        self._rows_per_item = int(getattr(model, "rows_per_item", 1))
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
+        self.rows += x.shape[0] * self._rows_per_item
         return self._fn(x, t)
 
     def with_v(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(output, v)`` from one call of a model that learns its variance."""
         self.nfe += 1
+        self.rows += x.shape[0] * self._rows_per_item
         return self._full(x, t)
 
     def time_dtype(self, x: Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ from ..data import ArrayDataset, hash_ints
 from ..errors import ArgumentError, ConfigError
 from ..lattice import on_lattice, uint8_to_float
 
-__all__ = ["Batches", "make_batches", "mix"]
+__all__ = ["Batches", "make_batches", "mix", "Conditioning"]
 
 
 def mix(*values: int) -> int:
@@ -51,6 +51,23 @@ class Batches:
             self._store = data.to(self.device) if data.nbytes < 2**31 else data
         elif self._array:
             self._store = data.data.to(self.device) if data.data.nbytes < 2**31 else data.data
+
+    def all_labels(self) -> Tensor | None:
+        """Every item's label (int64 ``(N,)``, -1 = unlabelled), or None for data without labels."""
+        if self._array:
+            return self.data.labels
+        if isinstance(self.data, Tensor):
+            return None
+        labels = []
+        for i in range(self.n):
+            item = self.data[i]
+            if not isinstance(item, tuple | list) or len(item) < 2:
+                return None
+            labels.append(int(item[1]))
+        return torch.tensor(labels, dtype=torch.long)
+
+    def class_names(self) -> list[str] | None:
+        return list(self.data.classes) if self._array and self.data.classes else None
 
     def check_finite(self) -> None:
         """Raise :class:`ConfigError` when floating-point data holds NaN or inf."""
@@ -105,6 +122,52 @@ class Batches:
             items = [self.data[int(i)] for i in idx.tolist()]
             x = torch.stack([it[0] if isinstance(it, tuple | list) else it for it in items])
         return x.to(self.device, non_blocking=True)
+
+
+class Conditioning:
+    """Where class labels enter training: this rank's labels of batch ``step``, with each replaced by the
+    null class ``K`` with probability ``p_uncond`` (classifier-free guidance's label dropout), drawn
+    from the run's noise generator (so a resumed run repeats an uninterrupted one bitwise).
+
+    Built before any work: data without labels (or with unlabelled items), labels outside ``0..K-1``
+    and a ``p_uncond`` outside ``[0, 1]`` are one :class:`ConfigError` line each. ``prior`` holds the
+    training labels' frequencies (stored in the net as its ``class_prior``).
+    """
+
+    def __init__(self, batches, num_classes: int, p_uncond: float | None):
+        K = int(num_classes)
+        p = 0.1 if p_uncond is None else p_uncond
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= float(p) <= 1.0:
+            raise ArgumentError("train.p_uncond", p_uncond, "must be a probability in [0, 1]")
+        if not isinstance(batches, Batches):
+            raise ConfigError(
+                "a class-conditional model (model.num_classes > 0) needs a map-style labelled data set "
+                "(items (x, label)), not an iterable of batches"
+            )
+        labels = batches.all_labels()
+        if labels is None or bool((labels < 0).any()):
+            raise ConfigError(
+                f"the model is class-conditional (num_classes={K}) but the data are unlabelled; train on "
+                "a labelled data set or set model.num_classes=0"
+            )
+        if int(labels.max()) >= K:
+            raise ArgumentError(
+                "model.num_classes",
+                K,
+                f"must exceed every label: the data have label {int(labels.max())} (labels must be 0..K-1)",
+            )
+        self.batches, self.K, self.p_uncond = batches, K, float(p)
+        self.prior = torch.bincount(labels, minlength=K).to(torch.float64) / labels.numel()
+        self.class_names = batches.class_names()
+        self._labels = labels.to(batches._store.device if batches._store is not None else "cpu")
+
+    def labels(self, step: int, noise: torch.Generator) -> Tensor:
+        """``(B,)`` int64 labels of batch ``step`` on this rank (the null class where dropped)."""
+        y = self._labels[self.batches.indices(step)].to(self.batches.device, non_blocking=True)
+        if self.p_uncond > 0.0:
+            drop = torch.rand(y.shape, generator=noise, device=noise.device) < self.p_uncond
+            y = torch.where(drop.to(y.device), torch.full_like(y, self.K), y)
+        return y
 
 
 class _IterBatches:

@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from ..lattice import dequantize_floats
 from ..models import Model
 from ..outputs import lock_output
-from .batches import make_batches, mix
+from .batches import Conditioning, make_batches, mix
 from .checkpoints import Checkpointer, open_output, restore
 from .distributed import dist_env, resolve_device, settle_gloo
 from .ema import EMA
@@ -85,6 +85,28 @@ def _accepts_generator(fn: Callable) -> bool:
     except (TypeError, ValueError):
         return False
     return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _accepts_class_labels(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "class_labels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or 0)
+
+
+def _set_class_prior(model: nn.Module, prior: Tensor) -> None:
+    """Store the training labels' frequencies in the net (what ``sd.classify`` takes as its prior)."""
+    from ..nets.embedding import ClassEmbedding
+
+    for m in model.modules():
+        if isinstance(m, ClassEmbedding):
+            with torch.no_grad():
+                m.class_prior.copy_(prior.to(m.class_prior))
 
 
 def _is_image_model(data_shape: tuple[int, ...]) -> bool:
@@ -166,6 +188,7 @@ def train(
     allow_config_change: bool = False,
     resume_fork: str | os.PathLike | None = None,
     overwrite_later: bool = False,
+    p_uncond: float | None = None,
     config: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
@@ -205,6 +228,11 @@ def train(
             overwrite (and rotate away) the later ones; without it (or ``resume_fork``) that is refused.
         allow_config_change: resume although the checkpoint's ``"model"``, ``"sde"`` or ``"loss"``
             config differs from this run's (the weights must still fit the model).
+        p_uncond: for a class-conditional model (``num_classes = K > 0``): the probability that an
+            item's label is replaced by the null class ``K`` (classifier-free guidance's unconditional
+            training), per item from the noise generator; default 0.1. The data must be labelled
+            (``0..K-1``); the loss gets ``class_labels=`` by keyword. Must stay None for an
+            unconditional model.
         config: JSON-able description of the run stored in checkpoints; its ``"model"``, ``"sde"`` and
             ``"loss"`` entries must match on resume (unless ``allow_config_change``).
         callback: ``callback(step, info)`` after every step (``info``: ``loss`` tensor, ``lr``, ...).
@@ -252,7 +280,27 @@ def train(
         deterministic = dev.type == "cpu"
 
     batches = make_batches(data, batch_size, seed, rank, world, dev, dequantize)
+    K = _num_classes(model)
+    cond = None
+    if K:
+        cond = Conditioning(batches, K, p_uncond)
+        if not _accepts_class_labels(loss_fn):
+            raise ConfigError("the model is class-conditional but the loss takes no class_labels= keyword")
+    elif p_uncond is not None:
+        raise ConfigError(
+            f"train.p_uncond={p_uncond} needs a class-conditional model (model.num_classes > 0); unset it"
+        )
     out, loaded = open_output(out_dir, resume, ckpt_every, resume_fork, overwrite_later)
+    if loaded is not None:
+        was = int((loaded[1].get("train") or {}).get("num_classes", 0) or 0)
+        if was != K:
+            what = f"class-conditional (num_classes={was})" if was else "unconditional"
+            raise ConfigError(
+                f"checkpoint {loaded[1]['path']} is {what} but this run's model has num_classes={K}; "
+                f"resume it with model.num_classes={was}"
+            )
+    if cond is not None:
+        _set_class_prior(model, cond.prior)  # before the EMA copy; a resumed run loads its own
 
     # -- model, EMA, optimizer -------------------------------------------------------------------------
     shape = tuple(batches.get(0).shape[1:])
@@ -281,6 +329,9 @@ def train(
         "ema_decay": ema_decay,
         "weight_decay": weight_decay,
     }
+    if cond is not None:  # what a conditional checkpoint records (read back by sample/likelihood)
+        run_args["num_classes"] = K
+        run_args["class_names"] = cond.class_names
     noise = torch.Generator(device=dev).manual_seed(mix(seed, rank, 1))
     torch.manual_seed(mix(seed, rank, 2))
     start = 0
@@ -361,8 +412,9 @@ def train(
                 x = dequantize_floats(x, "[-1,1]", noise, check=False)  # checked up front: no sync
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            kw = {} if cond is None else {"class_labels": cond.labels(step, noise)}
             with autocast:
-                loss = loss_fn(net, x, generator=noise) if use_gen else loss_fn(net, x)
+                loss = loss_fn(net, x, generator=noise, **kw) if use_gen else loss_fn(net, x, **kw)
             if loss.dtype in (torch.float16, torch.bfloat16):
                 loss = loss.float()
             if loss.ndim:
