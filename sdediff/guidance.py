@@ -93,6 +93,8 @@ class Guided(Model):
         self.inner = model
         self.prediction = model.prediction
         self.learn_variance = model.learn_variance
+        # the inner model's input map (EDM preconditioning, c_noise): the fast path serves bare models only
+        self.sigma_data, self.c_noise = getattr(model, "sigma_data", None), getattr(model, "c_noise", "t")
         self.register_buffer("class_labels", class_labels, persistent=False)
         self.scale = float(scale)
         self.interval = interval
@@ -178,10 +180,13 @@ class _PredictGuided(Guided):
     def predict_with_v(self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels=None):
         check_kind(kind, "kind")
         _refuse(class_labels)
-        native = self.prediction
+        # the native output of a bare net; else x0 (an inner model with its own input map, e.g. EDM's):
+        # the combination's weights sum to 1 and every conversion is affine, so either space guides alike
+        bare = raw_net(self.inner) is not None
+        native = self.prediction if bare else "x0"
 
         def call(xx, tt, labels):
-            if raw_net(self.inner) is not None:
+            if bare:
                 return self.inner._call_full(xx, _batch_times(tt, xx), labels)
             return self.inner.predict_with_v(xx, tt, sde, native, class_labels=labels)
 
