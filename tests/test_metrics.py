@@ -281,3 +281,25 @@ def test_cli_corrupt_classifier_cache_stops_before_training(tmp_path, capsys):
         len(err) == 1 and "fails its SHA-256 check" in err[0] and err[0].startswith("sdediff-train: error:")
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_metrics_is_a_leaf_package():
+    """sdediff.metrics imports torch / numpy / safetensors / tqdm and sdediff.errors only: nothing above it
+    (no cli, train, samplers) and never hydra."""
+    import ast
+    from pathlib import Path
+
+    import sdediff.metrics
+
+    allowed = {"torch", "numpy", "safetensors", "tqdm", "__future__", "collections", "typing", "math", "os"}
+    allowed |= {"hashlib", "json", "pathlib"}
+    for path in Path(sdediff.metrics.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name.split(".")[0] for a in node.names]
+                assert set(mods) <= allowed, (path.name, mods)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the package itself and sdediff.errors
+                    assert node.level == 1 or node.module == "errors", (path.name, node.module)
+                else:
+                    assert node.module.split(".")[0] in allowed, (path.name, node.module)
