@@ -250,12 +250,12 @@ CASES = [
     (
         "train",
         "data=nope",
-        r"data=nope: no such data config; choose one of cifar10, digits, image_folder, .*",
+        r"data=nope: no such data config; choose one of cifar10, digits, fashion_mnist, image_folder, .*",
     ),
     (
         "train",
         "experiment=nope",
-        r"experiment=nope: no such experiment config; choose one of cifar10, digits, toy2d",
+        r"experiment=nope: no such experiment config; choose one of cifar10, digits, digits_unet, fashion_mnist, toy2d",
     ),
     (
         "train",
