@@ -251,12 +251,12 @@ CASES = [
     (
         "train",
         "data=nope",
-        r"data=nope: no such data config; choose one of cifar10, digits, image_folder, .*",
+        r"data=nope: no such data config; choose one of cifar10, digits, fashion_mnist, image_folder, .*",
     ),
     (
         "train",
         "experiment=nope",
-        r"experiment=nope: no such experiment config; choose one of cifar10, digits, digits_cond, toy2d, toy2d_cond",
+        r"experiment=nope: no such experiment config; choose one of cifar10, digits, digits_cond, digits_unet, fashion_mnist, toy2d, toy2d_cond",
     ),
     (
         "train",

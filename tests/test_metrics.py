@@ -41,6 +41,14 @@ def _laws():
     return mu_a, A, mu_b, B
 
 
+def _exact_fd(mu_a, A, mu_b, B) -> float:
+    """The Fréchet distance of two Gaussians through scipy's sqrtm of A B (independent of sdediff's code)."""
+    s = scipy.linalg.sqrtm(A.numpy() @ B.numpy())
+    return float((mu_a - mu_b).pow(2).sum()) + float(
+        np.trace(A.numpy()) + np.trace(B.numpy()) - 2 * np.trace(s).real
+    )
+
+
 def test_fd_gaussians_closed_forms():
     mu_a, A, mu_b, B = _laws()
     # commuting (diagonal) covariances: sum of (sqrt a_i - sqrt b_i)^2
@@ -64,7 +72,7 @@ def test_fd_of_gaussian_samples_matches_the_exact_distance():
     replicates) of the exact distance, plus the estimator's O(1/n) bias, bounded by 2 (tr A + tr B) / n
     (the mean term alone contributes exactly (tr A + tr B) / n)."""
     mu_a, A, mu_b, B = _laws()
-    exact = fd_gaussians(mu_a, A, mu_b, B)
+    exact = _exact_fd(mu_a, A, mu_b, B)
     n, R = 4000, 16
     vals = torch.tensor(
         [fd(_gaussian(n, mu_a, A, 2 * r), _gaussian(n, mu_b, B, 2 * r + 1)) for r in range(R)],
@@ -281,3 +289,25 @@ def test_cli_corrupt_classifier_cache_stops_before_training(tmp_path, capsys):
         len(err) == 1 and "fails its SHA-256 check" in err[0] and err[0].startswith("sdediff-train: error:")
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_metrics_is_a_leaf_package():
+    """sdediff.metrics imports torch / numpy / safetensors / tqdm and sdediff.errors only: nothing above it
+    (no cli, train, samplers) and never hydra."""
+    import ast
+    from pathlib import Path
+
+    import sdediff.metrics
+
+    allowed = {"torch", "numpy", "safetensors", "tqdm", "__future__", "collections", "typing", "math", "os"}
+    allowed |= {"hashlib", "json", "pathlib"}
+    for path in Path(sdediff.metrics.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name.split(".")[0] for a in node.names]
+                assert set(mods) <= allowed, (path.name, mods)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the package itself and sdediff.errors
+                    assert node.level == 1 or node.module == "errors", (path.name, node.module)
+                else:
+                    assert node.module.split(".")[0] in allowed, (path.name, node.module)
