@@ -157,7 +157,8 @@ def toy(path: Path, quick: bool, log) -> str:
         f"{n} samples ({per} per class), dpm_solver {steps} steps from the same prior draws; FD in data "
         f"space to {n} exact test draws (floor, two exact sets: {floor:.4f}); accuracy by the exact "
         "posterior; "
-        "class FD = mean over classes of the FD of a class's samples to its exact draws.",
+        "class FD = mean over classes of the FD of a class's samples to its exact draws (scale 0 ignores the "
+        "labels: chance accuracy, and its diversity is the spread of every class around one).",
         "",
         "| scale | accuracy | FD | class FD | diversity | NFE | network rows | seconds "
         "| exact model: accuracy | FD | diversity |",
@@ -279,7 +280,9 @@ def main() -> None:
         f"{' --digits-ckpt RUN' if args.digits_ckpt else ''} --write` on "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread. "
         "Interval rows guide only where sigma/alpha is in "
-        f"({INTERVAL[0]}, {INTERVAL[1]}] (the plain conditional model elsewhere).",
+        f"({INTERVAL[0]}, {INTERVAL[1]}] (the plain conditional model elsewhere). The runs: "
+        "`sdediff-train experiment=toy2d_cond` (4000 steps) and `sdediff-train experiment=digits_cond` "
+        "(6000 steps), the committed configs, EMA weights.",
         "",
     ]
     if args.toy_ckpt is not None:

@@ -235,6 +235,7 @@ def test_the_conditional_pf_ode_likelihood_is_exact_per_point():
     assert float((exact - gm.log_prob(x, 1e-5, sde)).mean()) > 1.0
 
 
+@pytest.mark.slow
 def test_classify_equals_the_exact_posterior():
     gm = three_component()
     sde = sd.SDE(sd.LinearVP(beta_max=60.0))  # p_T = N(0, I) to 3e-7: no prior-mismatch error
@@ -342,6 +343,7 @@ def test_bad_inputs_raise_one_line():
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_from_diffusers_passes_class_labels():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
