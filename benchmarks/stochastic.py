@@ -402,6 +402,12 @@ def render(table, base, nfes, have_kd):
             bs, bk = base[cname]
             lines.append(f"| {cname} | 1000 (ancestral baseline) | {fmt(bk)} | {fmt(bs)} | | | |")
     summary = []
+    if base is not None:
+        summary.append(
+            "- the 1000-step rows: k-diffusion's sample_euler_ancestral (eta 1, exponential sigmas) and "
+            "sdediff's euler_ancestral (eta 1: DDPM's posterior step; the chain's trailing grid to t = 0, "
+            "else log-SNR + t = 0)"
+        )
     if cells:
         summary = [
             f"- best sdediff <= 0.5x best k-diffusion in {met_best} of {cells} cells; worst ratio per NFE: "
