@@ -38,6 +38,7 @@ from ._common import (
     run_logger,
 )
 from ._source import load_source
+from .fit import source_grids
 from .train import _check_finite_samples
 
 PROG = "sdediff-sample"
@@ -68,13 +69,14 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     if info and cfg.sampler.get("name") == "ancestral" and not overridden("sampler.options.variance"):
         # sample the way the diffusers scheduler would (its variance_type), unless told otherwise
         cfg.sampler.options.variance = info["variance"]
+    grids = source_grids(src, cfg.get("diffusers"))  # the grids sdediff-fit stored with this model
     sampler = instantiate_at(cfg.sampler, "sampler")
     check_sampler(sampler, src.sde, src.item_shape, bool(getattr(src.model, "learn_variance", False)))
 
     # -- sample ---------------------------------------------------------------------------------------
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
-    chunks, nfe, pilot, traj = [], 0, 0, []
+    chunks, nfe, pilot, traj, ran = [], 0, 0, [], ""
     batches = range(0, cfg.n, cfg.batch_size)
     bar = None
     if cfg.get("progress", True) and len(batches) > 1:
@@ -90,8 +92,15 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             b = min(cfg.batch_size, cfg.n - start)
             cb = keep if (cfg.get("trajectories") and start == 0 and len(src.item_shape) == 1) else None
             x, info = sampler(
-                model, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
+                model,
+                src.sde,
+                shape=(b, *src.item_shape),
+                generator=g,
+                callback=cb,
+                return_info=True,
+                grids=grids or None,
             )
+            ran = info.grid
             chunks.append(x.cpu())
             nfe, pilot = max(nfe, info.nfe), pilot + info.pilot_nfe
             if bar is not None:
@@ -104,7 +113,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     sde_name = type(src.sde.schedule).__name__
     variance = sampler.options.get("variance")
     what = f"{sampler.label}{f' ({variance} variance)' if isinstance(variance, str) else ''}, "
-    what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}"
+    what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}, grid: {ran}"
     if pilot:
         what += f" (grid fitted on {pilot} pilot NFE, not counted above)"
     paths = _report.save_samples(samples, None, out, f"{src.label}: {what}")
@@ -124,6 +133,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         "source": src.label,
         "nfe": nfe,
         "pilot_nfe": pilot,
+        "grid": ran,
         "seconds": took,
     }
 

@@ -46,6 +46,7 @@ from ._common import (
     to_plain,
     train_kwargs,
 )
+from .fit import after_training, check_fit_grids
 
 PROG = "sdediff-train"
 LIKELIHOODS = (None, "nll", "bpd")
@@ -198,6 +199,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     checked = inspect.signature(validate).parameters
     validate(**{k: v for k, v in kwargs.items() if k in checked}, world_size=world)
     _check_eval(cfg.eval)
+    fit_mode = check_fit_grids(cfg.train.get("fit_grids", False))
     out = output_dir(cfg)
     objs = build(cfg)
     model, data = objs["model"], objs["data"]
@@ -239,6 +241,16 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     }
     if rank != 0:
         return report
+    # the grids sdediff-sample uses out of the box, fitted to the final weights (after the final checkpoint)
+    report["grids"] = after_training(
+        fit_mode,
+        result.eval_model,
+        objs["sde"],
+        tuple(data[0][0].shape),
+        result.checkpoint,
+        result.elapsed_s,
+        log,
+    )
     report.update(
         evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log, splits)
     )

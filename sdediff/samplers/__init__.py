@@ -39,6 +39,7 @@ from .langevin import pc
 from .ode import pf_ode, via_torchdiffeq
 from .posterior import ancestral
 from .reverse_sde import euler_maruyama, via_torchsde
+from .stored import StoredGrid, StoredGrids, fit_grids, load_grids, store_grids
 
 __all__ = [
     "SAMPLERS",
@@ -58,6 +59,11 @@ __all__ = [
     "fit_times",
     "clear_fitted_cache",
     "FITTED",
+    "StoredGrid",
+    "StoredGrids",
+    "fit_grids",
+    "store_grids",
+    "load_grids",
 ]
 
 #: the grid name that asks :func:`sample` for a grid fitted to the model (:func:`fit_times`)
@@ -76,7 +82,9 @@ class SampleInfo:
 
     ``pilot_nfe`` counts the model calls (on the pilot batch) this call spent fitting a
     ``grid="fitted"`` grid, never included in ``nfe``; 0 when the grid came from the cache or is a fixed
-    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids)."""
+    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids). ``grid`` says which grid
+    ran (a grid name, or the description of a stored grid); ``stored`` is the :class:`StoredGrid` used
+    (``None`` when none matched)."""
 
     nfe: int
     times: Tensor
@@ -84,6 +92,8 @@ class SampleInfo:
     steps: int
     pilot_nfe: int = 0
     fit: FittedGrid | None = None
+    grid: str = ""
+    stored: StoredGrid | None = None
 
 
 def _positive_int(name: str, v) -> int:
@@ -198,6 +208,7 @@ def sample(
     device=None,
     dtype: torch.dtype | None = None,
     fit: Mapping[str, Any] | None = None,
+    grids: StoredGrids | None = None,
     **options,
 ):
     """Draw samples by integrating the reverse process from ``T`` to ``t_min`` on a time grid.
@@ -232,6 +243,10 @@ def sample(
         progress: show a tqdm progress bar (and one over the fit of a ``"fitted"`` grid).
         fit: keyword arguments of :func:`fit_times` for ``grid="fitted"`` (``n_pilot``, ``objective``,
             ``reference_steps``, ``knots``, ``max_evals``, ``generator`` of the pilot draws).
+        grids: the :class:`StoredGrids` fitted to this model (``sdediff-fit``, :func:`fit_grids`); when
+            ``grid`` is not given and one of them was fitted for this sampler, its options, ``steps``,
+            the end points, the schedule and *these* weights, it replaces the default grid
+            (``info.grid`` and ``info.stored`` say so). A grid fitted to other weights is never used.
         **options: the sampler's own options (e.g. ``eta``, ``variance``, ``method``, ``denoise``).
 
     Returns:
@@ -240,7 +255,10 @@ def sample(
     # -- validate everything first --------------------------------------------------------------------
     if not isinstance(sde, SDE):
         raise TypeError(f"sample: sde must be an sdediff.SDE, got {type(sde).__name__}")
+    asked = grid
     fn, spec, steps, grid, t_min = _resolve(sampler, steps, grid, t_min, options, sde)
+    if grids is not None and not isinstance(grids, StoredGrids):
+        raise ArgumentError("grids", type(grids).__name__, "must be StoredGrids (or None)", "sample")
     shape = _check_shape(shape, x_T)
     if x_T is not None:
         device, dtype = x_T.device, x_T.dtype
@@ -256,8 +274,13 @@ def sample(
     if not callable(model):
         raise TypeError(f"sample: model must be a Model or a callable net(x, t), got {type(model).__name__}")
     fit_kw = _check_fit(fit, grid)
-    fitted, pilot_nfe = None, 0
-    if grid == FITTED:
+    fitted, pilot_nfe, stored = None, 0, None
+    if grids is not None and asked is None and spec.is_deterministic(options):
+        end = float(sde.schedule.default_t_min) if t_min is None else float(t_min)
+        stored = grids.find(fn, options, steps, end, float(sde.T), model, sde)
+    if stored is not None:
+        times = torch.tensor(stored.times, dtype=torch.float64)
+    elif grid == FITTED:
         if t_min is None:
             t_min = float(sde.schedule.default_t_min)
         item = tuple(x_T.shape[1:]) if x_T is not None else tuple(shape[1:])
@@ -312,13 +335,30 @@ def sample(
             bar.close()
     if return_info:
         name = sampler if isinstance(sampler, str) else spec.name
+        ran = stored.describe() if stored is not None else (fitted.describe() if fitted else grid)
         return x, SampleInfo(
-            nfe=ev.nfe, times=times, sampler=name, steps=steps, pilot_nfe=pilot_nfe, fit=fitted
+            nfe=ev.nfe,
+            times=times,
+            sampler=name,
+            steps=steps,
+            pilot_nfe=pilot_nfe,
+            fit=fitted,
+            grid=ran,
+            stored=stored,
         )
     return x
 
 
-_FIT_KEYS = ("n_pilot", "objective", "reference_steps", "knots", "max_evals", "generator")
+_FIT_KEYS = (
+    "n_pilot",
+    "objective",
+    "reference_steps",
+    "knots",
+    "max_evals",
+    "validation",
+    "reg",
+    "generator",
+)
 
 
 def _check_fit(fit, grid) -> dict:
