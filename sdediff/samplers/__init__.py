@@ -156,7 +156,7 @@ def _resolve(sampler, steps, grid, t_min, options: Mapping[str, Any], sde: SDE |
             raise ArgumentError("t_min", t_min, f"must be a number in [0, T) = [0, {T:g})", "sample")
         t_min = float(t_min)
     elif grid != FITTED:
-        t_min = spec.default_t_min(grid, options)
+        t_min = spec.default_t_min(grid, options, steps=steps)
     return fn, spec, steps, grid, t_min
 
 

@@ -342,9 +342,9 @@ def fit_grids(
         shape: the shape of one item.
         sampler: a built-in deterministic sampler name or function (default ``"dpm_solver"``).
         options: the sampler's options (the grids are for the sampler as called with these).
-        t_min: the grid's end; default: where the sampler ends by default on its own grid (so that
-            ``sample(model, sde, steps=n)`` finds the grid), the schedule's ``default_t_min`` if it has
-            no rule.
+        t_min: the grid's end; default: where the sampler ends by default on its own grid for each
+            budget (so that ``sample(model, sde, steps=n)`` finds the grid), the schedule's
+            ``default_t_min`` if it has no rule.
         device, dtype, progress: as in :func:`~sdediff.samplers.fit_times`.
         log: called with one line per fitted grid.
         **fit_kw: other :func:`~sdediff.samplers.fit_times` arguments (``n_pilot``, ``objective``,
@@ -372,9 +372,12 @@ def fit_grids(
         raise ArgumentError(
             "steps", budgets, "must be a non-empty list of distinct integers >= 2", "fit_grids"
         )
-    if t_min is None:
-        t_min = spec.default_t_min(spec.default_grid(sde), options)
-    t_min = float(sde.schedule.default_t_min) if t_min is None else float(t_min)
+
+    def end(n: int) -> float:
+        """where ``sample(model, sde, steps=n)`` ends: ``t_min``, else the sampler's rule for ``n`` steps"""
+        rule = spec.default_t_min(spec.default_grid(sde), options, steps=n) if t_min is None else t_min
+        return float(sde.schedule.default_t_min) if rule is None else float(rule)
+
     weights, sched = weights_digest(model), schedule_digest(sde)
     if weights is None:
         raise ArgumentError(
@@ -389,7 +392,7 @@ def fit_grids(
             sampler=fn,
             options=options,
             shape=tuple(shape),
-            t_min=t_min,
+            t_min=end(n),
             device=device,
             dtype=dtype,
             progress=progress,
