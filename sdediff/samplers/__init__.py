@@ -231,7 +231,7 @@ def sample(
             seed gives identical samples.
         t_min: where sampling stops, in ``[0, T)``. Default: the sampler's rule (0 for ``ancestral``
             on grids that allow it, so that the last step returns x0_hat as DDPM does; 0 for
-            ``dpm_solver`` on its "dpm" grid), else the schedule's ``default_t_min``.
+            ``dpm_solver`` on its "dpm" grid with more than 10 steps), else the schedule's ``default_t_min``.
         callback: called with ``{"i", "t", "x", "x0"}`` after each model evaluation on the grid.
         grid: a grid name of :data:`sdediff.timegrids.GRIDS`, or ``"fitted"``: a grid fitted to this
             model by :func:`fit_times` on pilot trajectories (deterministic samplers only; fitted once
