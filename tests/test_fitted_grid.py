@@ -366,3 +366,15 @@ def test_bad_sdediff_fit_input_is_one_line(tmp_path, capsys, override, message):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and err.startswith("sdediff-fit: error: "), err
     assert message in err, err
+
+
+def test_sdediff_fit_help_says_what_it_does(capsys, monkeypatch):
+    from sdediff.cli import fit as fit_cli
+
+    monkeypatch.setattr("sys.argv", ["sdediff-fit", "--help"])
+    with pytest.raises(SystemExit):
+        fit_cli.main()
+    text = capsys.readouterr().out
+    assert text.startswith("sdediff-fit: ") and "Examples:" in text and "Groups:" in text
+    assert "Powered by Hydra" not in text
+    assert len([line for line in text.splitlines() if line.strip().startswith("sdediff-fit ")]) >= 3
