@@ -3,6 +3,8 @@
     python benchmarks/few_step.py --reference-solvers DIR           # tuning and report sets (~15 min)
     python benchmarks/few_step.py --reference-solvers DIR --quick   # fewer cases and configurations
     python benchmarks/few_step.py --reference-solvers DIR --write   # also records results/few_step.md
+    python benchmarks/few_step.py --reference-solvers DIR --tune --cases gauss --no-fixed --no-fitted \
+        --no-best-ref --write       # only some cells (fast): recorded in results/few_step_partial.md
 
 DIR holds ``dpm_solver_pytorch.py`` (LuChengTHU/dpm-solver) and/or ``uni_pc.py`` (wl-zhao/UniPC), both
 MIT-licensed; they are loaded from there for the comparison and never vendored. Without DIR (or with an
@@ -28,6 +30,13 @@ Methodology:
   search budget, pilot size) are fixed defaults, not tuned here.
 - "best fixed grid": the best of sdediff's fixed-grid configurations (grid x order x corrector x
   switch x lower-order-final x end); "best sdediff" is the better of that and the fitted grid.
+- "DPM-Solver++(2M) rec." and "UniPC bh2 o3 rec.": the configurations the authors recommend (2M multistep,
+  and UniPC bh2 order 3 with data prediction, both on the log-SNR grid with lower-order final steps, no
+  denoising), run from their files; "default / best rec." is the goal of issue 26 (<= 1).
+- ``--stored``: the grids ``fit_grids`` fits and ``sdediff-fit`` stores (its defaults: validation split,
+  penalty, 1024 pilot states for these cheap models), used through the stored-grid lookup; the table gives
+  the error on the evaluation states, the grid kept after validation and the generalisation gap (fresh
+  error / pilot fit-set RMS).
 - The tuning set and the report set are fixed below, before any tuning. sdediff's defaults are chosen
   on TUNE only; REPORT is what the result table shows.
 """
@@ -55,6 +64,8 @@ import sdediff as sd  # noqa: E402
 from sdediff.oracle import GaussianMixture, random_gaussian, ring_mixture  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "few_step.md"
+#: where a --write run of only some cells goes (--cases, --nfes or a --no-* option): never over the full table
+PARTIAL = ROOT / "benchmarks" / "results" / "few_step_partial.md"
 NFES = (5, 6, 8, 10, 15, 20, 50)
 
 
@@ -121,7 +132,9 @@ def _trained_toy(sde):
     data = sd.data.toy2d("eight_gaussians", 20000, seed=0)
     net = sd.nets.MLP(2, hidden=128, depth=3, emb_dim=64)
     model = sd.Model(net, "eps")
-    res = sd.train.train(
+    from sdediff.training import train
+
+    res = train(
         model,
         sd.DiffusionLoss(sde),
         data,
@@ -312,9 +325,54 @@ def run_fitted(case: Case, nfe: int, objective: str, t_min: float, opts: dict) -
     return error(case, y), counted.calls, fit.pilot_nfe
 
 
+# -- grids stored with the model (sdediff-fit) ----------------------------------------------------------
+class _Keyed(torch.nn.Module):
+    """An oracle's eps as a module with a state dict (stored grids are keyed by the weights' hash)."""
+
+    def __init__(self, fn, tag: str):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("tag", torch.tensor(list(tag.encode()), dtype=torch.uint8))
+
+    def forward(self, x, t):
+        return self.fn(x, t)
+
+
+def run_stored(case: Case, nfe: int) -> tuple[float, int, float, str]:
+    """(error, NFE, pilot fit-set RMS, which grid) of ``sample(model, sde, steps=nfe, grids=...)`` with the
+    grid ``fit_grids`` stores for dpm_solver's defaults (what ``sdediff-fit`` does, its defaults: a
+    quarter of the pilot held out, the penalty, 1024 pilot states for these cheap models), ending where
+    the other solvers end."""
+    from sdediff.samplers import fit_grids
+
+    model = case.model if isinstance(case.model, torch.nn.Module) else _Keyed(case.model, case.name)
+    D = case.extra["x"].shape[1]
+    grids = fit_grids(model, case.sde, [nfe], shape=(D,), dtype=torch.float64, t_min=case.extra["t_end"])
+    counted = []
+
+    def net(x, t):
+        counted.append(1)
+        return model(x, t)
+
+    # the same weights behind a counter: match through the grids' own lookup, then run on the stored times
+    stored = grids.find(
+        sd.SAMPLERS["dpm_solver"], {}, nfe, case.extra["t_end"], float(case.sde.T), model, case.sde
+    )
+    if stored is None:
+        return math.inf, -1, math.nan, "no match"
+    from sdediff.samplers.dpm import dpm_solver
+
+    y = dpm_solver(net, case.sde, case.extra["x"].clone(), torch.tensor(stored.times, dtype=torch.float64))
+    return error(case, y), len(counted), float(stored.fit["error"]), stored.chosen
+
+
 # -- fitting the defaults on the tuning set ---------------------------------------------------------------
 FIT_SPACE = dict(
-    knee=(0.5, 0.25, 0.1, 0.05, 0.0), kappa=(1.0, 1.5, 2.0, 2.5, 3.0), mix=(0.0, 0.25, 0.5), order=(2, 3)
+    knee=(0.5, 0.25, 0.1, 0.05, 0.0),
+    kappa=(1.0, 1.5, 2.0, 2.5, 3.0),
+    mix=(0.0, 0.25, 0.5),
+    order=(2, 3),
+    lof=(True, False),
 )
 
 
@@ -328,14 +386,20 @@ def run_candidate(case: Case, cand: dict, nfe: int) -> float:
     t_min = 0.0 if to_zero else case.extra["t_end"]
     times = dpm_times(case.sde, nfe, t_min, float(case.sde.T), cand["kappa"], cand["mix"], cand["knee"])
     counted = Counted(case.model, case.sde)
-    y = dpm_solver(counted, case.sde, case.extra["x"].clone(), times, order=cand["order"])
+    lof = cand.get("lof", True)
+    y = dpm_solver(
+        counted, case.sde, case.extra["x"].clone(), times, order=cand["order"], lower_order_final=lof
+    )
     assert counted.calls == nfe
     return error(case, y)
 
 
-def fit(cases, table, nfes, log) -> list[tuple[float, float, dict]]:
-    """Every candidate's (worst, mean) log10 ratio to the best reference (else the best fixed-grid sdediff
-    configuration) over the tuning cases and budgets; best first."""
+def fit(cases, table, nfes, log, target: str = "best") -> list[tuple[float, float, dict]]:
+    """Every candidate's (worst, mean) log10 ratio over the tuning cases and budgets; best first.
+
+    ``target="best"``: to the best reference configuration (else the best fixed-grid sdediff one);
+    ``"recommended"``: to the better of the authors' two recommended configurations (else, where no
+    reference supports the schedule, to today's default: a candidate must not lose there either)."""
     keys = list(FIT_SPACE)
     out = []
     for values in itertools.product(*FIT_SPACE.values()):
@@ -344,8 +408,12 @@ def fit(cases, table, nfes, log) -> list[tuple[float, float, dict]]:
         for case in cases:
             for nfe in nfes:
                 row = table[(case.name, case.schedule, nfe)]
-                ref = min(row["dpm_solver"][0], row["unipc"][0])
-                ref = ref if math.isfinite(ref) else row["fixed"][0]
+                if target == "recommended":
+                    ref = min(row.get("dpm_solver rec", math.inf), row.get("unipc rec", math.inf))
+                    ref = ref if math.isfinite(ref) else row["default"][0]
+                else:
+                    ref = min(row["dpm_solver"][0], row["unipc"][0])
+                    ref = ref if math.isfinite(ref) else row["fixed"][0]
                 e = run_candidate(case, cand, nfe)
                 logs.append(math.log10(max(e, 1e-300) / ref) if math.isfinite(e) else math.inf)
         out.append((max(logs), sum(logs) / len(logs), cand))
@@ -355,8 +423,46 @@ def fit(cases, table, nfes, log) -> list[tuple[float, float, dict]]:
     return out
 
 
+# -- the authors' recommended configurations ----------------------------------------------------------
+#: what each paper and README recommends for few-step unconditional sampling: DPM-Solver++(2M) multistep
+#: on the log-SNR grid with lower-order final steps, and UniPC bh2 order 3 (data prediction) multistep on
+#: the log-SNR grid (lower-order final steps are UniPC's default); neither denoises to zero
+RECOMMENDED = {
+    "dpm_solver": dict(algorithm_type="dpmsolver++", method="multistep", order=2),
+    "unipc": dict(predict_x0=True, variant="bh2", order=3),
+}
+
+
+def recommended(kind: str, nfe: int) -> dict:
+    """The recommended configuration of ``kind`` at ``nfe`` (one of :func:`rs.configs`)."""
+    rc = dict(kind=kind, **RECOMMENDED[kind], skip_type="logSNR", lower_order_final=True)
+    rc.update(denoise_to_zero=False, steps=nfe, nfe=nfe)
+    rc["name"] = rs._name(rc)
+    return rc
+
+
+def run_reference(refs, kind: str, rc: dict, case: Case, nfe: int) -> float:
+    """Error of one reference configuration (inf when it refuses the case or misses the budget)."""
+    counted = Counted(case.model, case.sde)
+    try:
+        y, n = rs.run(refs, kind, rc, counted, case.sde, case.extra["x"].clone(), case.extra["t_end"])
+    except Exception:  # noqa: BLE001 - a configuration the reference refuses
+        return math.inf
+    return error(case, y) if n == nfe else math.inf
+
+
 # -- the table -----------------------------------------------------------------------------------------
-def measure(cases, nfes, quick, refs, log) -> dict:
+def measure(
+    cases,
+    nfes,
+    quick,
+    refs,
+    log,
+    fixed: bool = True,
+    fitted: bool = True,
+    best_ref: bool = True,
+    stored: bool = False,
+) -> dict:
     table = {}
     configs = sdediff_configs(quick)
     for case in cases:
@@ -367,13 +473,13 @@ def measure(cases, nfes, quick, refs, log) -> dict:
             e, n = run_sdediff(case, None, nfe)
             row["default"] = (e if n == nfe else math.inf, "default")
             best = (math.inf, "")
-            for c in configs:
+            for c in configs if fixed else ():
                 e, n = run_sdediff(case, c, nfe)
                 if n == nfe and e < best[0]:
                     best = (e, label(c))
             row["fixed"] = best
             fbest = (math.inf, "n/a", 0)
-            if not quick or nfe <= 10:
+            if fitted and (not quick or nfe <= 10):
                 for objective, t_min, opts in fitted_variants(case):
                     if opts and nfe > 10:
                         continue
@@ -383,6 +489,9 @@ def measure(cases, nfes, quick, refs, log) -> dict:
                         extra = "".join(f", {k} {v}" for k, v in opts.items())
                         fbest = (e, f"fitted ({objective}, to {where}{extra})", pilot)
             row["fitted"] = fbest
+            if stored and case.kind == "rms" and nfe <= 20:
+                e, n, pilot_err, chosen = run_stored(case, nfe)
+                row["stored"] = (e if n == nfe else math.inf, pilot_err, chosen)
             row["sdediff"] = min(best, fbest[:2])
             for kind in ("dpm_solver", "unipc"):
                 best = (math.inf, "n/a")
@@ -391,28 +500,18 @@ def measure(cases, nfes, quick, refs, log) -> dict:
                     and getattr(refs, "dpm" if kind == "dpm_solver" else "unipc") is not None
                     and rs.supports(case.sde, kind)
                 ):
-                    for rc in rs.configs(kind, nfe):
+                    for rc in rs.configs(kind, nfe) if best_ref else ():
                         if case.kind != "gauss" and rc.get("denoise_to_zero"):
                             continue
-                        counted = Counted(case.model, case.sde)
-                        try:
-                            y, n = rs.run(
-                                refs,
-                                kind,
-                                rc,
-                                counted,
-                                case.sde,
-                                case.extra["x"].clone(),
-                                case.extra["t_end"],
-                            )
-                        except Exception:  # noqa: BLE001 - a configuration the reference refuses
-                            continue
-                        if n != nfe:
-                            continue
-                        e = error(case, y)
+                        e = run_reference(refs, kind, rc, case, nfe)
                         if e < best[0]:
                             best = (e, rc.get("name") or str(rc))
                 row[kind] = best
+                rec = math.inf
+                if refs is not None and getattr(refs, "dpm" if kind == "dpm_solver" else "unipc") is not None:
+                    if rs.supports(case.sde, kind):
+                        rec = run_reference(refs, kind, recommended(kind, nfe), case, nfe)
+                row[f"{kind} rec"] = rec
             table[(case.name, case.schedule, nfe)] = row
         log(f"  {case.name} [{case.schedule}] in {time.perf_counter() - t0:.0f} s")
     return table
@@ -428,10 +527,12 @@ def render(table, cases, nfes, title) -> list[str]:
         "",
         "| case | schedule | metric | NFE | sdediff default | best fixed grid | fitted grid (pilot NFE) "
         "| best DPM-Solver (authors) | best UniPC (authors) | best sdediff / best ref. "
-        "| fixed / best ref. | default / best ref. |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fixed / best ref. | default / best ref. | DPM-Solver++(2M) rec. | UniPC bh2 o3 rec. "
+        "| default / best rec. |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    worst_best, worst_def, worst_fix = {}, {}, {}
+    worst_best, worst_def, worst_fix, worst_rec = {}, {}, {}, {}
+    stored_rows = []
     for case in cases:
         for nfe in nfes:
             row = table[(case.name, case.schedule, nfe)]
@@ -439,17 +540,27 @@ def render(table, cases, nfes, title) -> list[str]:
             rb = row["sdediff"][0] / ref if math.isfinite(ref) and ref > 0 else math.nan
             rd = row["default"][0] / ref if math.isfinite(ref) and ref > 0 else math.nan
             rf = row["fixed"][0] / ref if math.isfinite(ref) and ref > 0 else math.nan
-            if math.isfinite(rb):
-                worst_best[nfe] = max(worst_best.get(nfe, 0.0), rb)
-                worst_def[nfe] = max(worst_def.get(nfe, 0.0), rd)
-                worst_fix[nfe] = max(worst_fix.get(nfe, 0.0), rf)
+            for worst, r in ((worst_best, rb), (worst_def, rd), (worst_fix, rf)):
+                if math.isfinite(r):
+                    worst[nfe] = max(worst.get(nfe, 0.0), r)
+            rec = min(row.get("dpm_solver rec", math.inf), row.get("unipc rec", math.inf))
+            rr = row["default"][0] / rec if math.isfinite(rec) and rec > 0 else math.nan
+            if math.isfinite(rr):
+                worst_rec[nfe] = max(worst_rec.get(nfe, 0.0), rr)
             metric = "KL" if case.kind == "gauss" else "RMS"
             fe, _, pilot = row["fitted"]
             fcell = f"{fmt(fe)} ({pilot})" if math.isfinite(fe) else "n/a"
+            if "stored" in row:
+                se, sp, chosen = row["stored"]
+                stored_rows.append(
+                    f"| {case.name} | {case.schedule} | {nfe} | {fmt(se)} | {chosen} | {fmt(sp)} "
+                    f"| {se / sp:.3g} | {se / ref:.3g} | {se / row['fixed'][0]:.3g} |"
+                )
             lines.append(
                 f"| {case.name} | {case.schedule} | {metric} | {nfe} | {fmt(row['default'][0])} | "
                 f"{fmt(row['fixed'][0])} | {fcell} | {fmt(row['dpm_solver'][0])} | {fmt(row['unipc'][0])} | "
-                f"{rb:.3g} | {rf:.3g} | {rd:.3g} |"
+                f"{rb:.3g} | {rf:.3g} | {rd:.3g} | {fmt(row.get('dpm_solver rec', math.inf))} | "
+                f"{fmt(row.get('unipc rec', math.inf))} | {rr:.3g} |"
             )
     lines += [
         "",
@@ -464,8 +575,25 @@ def render(table, cases, nfes, title) -> list[str]:
         + " | ".join(f"{worst_fix.get(n, math.nan):.3g}" for n in nfes)
         + " |",
         "| default / best ref. | " + " | ".join(f"{worst_def.get(n, math.nan):.3g}" for n in nfes) + " |",
+        "| default / best recommended (goal <= 1) | "
+        + " | ".join(f"{worst_rec.get(n, math.nan):.3g}" for n in nfes)
+        + " |",
         "",
     ]
+    if stored_rows:
+        lines += [
+            "Out of the box with grids stored by `fit_grids` (what `sdediff-fit` stores; dpm_solver's "
+            "defaults, ending at t_end): the error on the evaluation states (fresh), the grid kept after "
+            "validation, "
+            "the pilot RMS on its fit states, and the generalisation gap fresh / pilot "
+            "(goal: <= 0.5x the best reference, <= 1x the best fixed grid):",
+            "",
+            "| case | schedule | NFE | stored grid (fresh) | grid kept | pilot RMS | fresh / pilot "
+            "| / best ref. | / best fixed grid |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|",
+            *stored_rows,
+            "",
+        ]
     return lines
 
 
@@ -489,14 +617,47 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="also print the tuning set's table")
     ap.add_argument("--fit", action="store_true", help="fit dpm_solver's default constants on the tuning set")
     ap.add_argument("--write", action="store_true", help=f"record {RESULTS.relative_to(ROOT)}")
+    ap.add_argument(
+        "--fit-target",
+        choices=("best", "recommended"),
+        default="best",
+        help="--fit: the ratio minimised (to the best reference, or to the authors' recommended ones)",
+    )
+    ap.add_argument("--nfes", default=None, help="comma-separated budgets (default: all)")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of the case names to run")
+    ap.add_argument("--no-fixed", action="store_true", help="skip the search over sdediff's fixed grids")
+    ap.add_argument("--no-fitted", action="store_true", help="skip the fitted-grid columns")
+    ap.add_argument("--stored", action="store_true", help="also the grids sdediff-fit stores (RMS cases)")
+    ap.add_argument("--no-best-ref", action="store_true", help="only the recommended reference configs")
+    ap.add_argument("--no-report", action="store_true", help="with --tune: the tuning set only")
     args = ap.parse_args()
     refs = rs.load(args.reference_solvers) if args.reference_solvers else None
     if refs is None:
         print("no reference solvers given (--reference-solvers DIR): measuring sdediff alone")
     torch.set_num_threads(1)
     nfes = (5, 10, 20) if args.quick else NFES
+    if args.nfes:
+        nfes = tuple(int(v) for v in args.nfes.split(","))
+    wanted = [w.strip() for w in args.cases.split(",")] if args.cases else None
+
+    def pick(cases):
+        return [c for c in cases if wanted is None or any(w in c.name for w in wanted)]
+
+    kw = dict(
+        fixed=not args.no_fixed, fitted=not args.no_fitted, best_ref=not args.no_best_ref, stored=args.stored
+    )
     t0 = time.perf_counter()
     flag = " --quick" if args.quick else ""
+    flag += " --tune" * (args.tune and not args.fit) + " --fit" * args.fit + " --no-report" * args.no_report
+    for opt in ("nfes", "cases"):
+        if getattr(args, opt):
+            flag += f" --{opt} '{getattr(args, opt)}'"
+    flag += (
+        " --no-fixed" * args.no_fixed
+        + " --no-fitted" * args.no_fitted
+        + " --no-best-ref" * args.no_best_ref
+        + " --stored" * args.stored
+    )
     out = [
         f"# Few-step samplers (`python benchmarks/few_step.py --reference-solvers DIR{flag}`)",
         "",
@@ -505,28 +666,32 @@ def main() -> None:
         "",
     ]
     if args.tune or args.fit:
-        cases = tune_cases()
-        tune_table = measure(cases, nfes, args.quick, refs, print)
+        cases = pick(tune_cases())
+        tune_table = measure(cases, nfes, args.quick, refs, print, **kw)
         out += render(tune_table, cases, nfes, "Tuning set")
         if args.fit:
             print("fitting dpm_solver's default constants on the tuning set:")
-            ranked = fit(cases, tune_table, nfes, print)
+            ranked = fit(cases, tune_table, nfes, print, args.fit_target)
             out += [
                 "### Defaults fitted on the tuning set",
                 "",
                 *(f"- worst x{10**w:.3g}, geometric mean x{10**m:.3g}: `{c}`" for w, m, c in ranked[:10]),
                 "",
             ]
-    cases = report_cases(args.quick)
-    table = measure(cases, nfes, args.quick, refs, print)
-    out += render(table, cases, nfes, "Report set")
-    out += configs_used(table, cases, nfes)
+    if not (args.no_report and (args.tune or args.fit)):
+        cases = pick(report_cases(args.quick))
+        table = measure(cases, nfes, args.quick, refs, print, **kw)
+        out += render(table, cases, nfes, "Report set")
+        out += configs_used(table, cases, nfes)
     out.append(f"Total {time.perf_counter() - t0:.0f} s.")
     text = "\n".join(out)
     print(text)
     if args.write:
-        RESULTS.write_text(text + "\n")
-        print(f"wrote {RESULTS}")
+        partial = bool(args.cases or args.nfes or args.no_fixed or args.no_fitted or args.no_best_ref)
+        partial = partial or args.no_report
+        path = PARTIAL if partial else RESULTS
+        path.write_text(text + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

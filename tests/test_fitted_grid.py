@@ -171,3 +171,210 @@ def test_bad_fitted_grid_arguments_fail_before_any_model_call(kwargs, key):
         sd.sample(net, sde, **kw)
     assert e.value.key == key
     assert net.calls == 0
+
+
+# -- issue 26: a fit that generalises, grids stored with the model ---------------------------------------
+def test_a_fitted_grid_that_loses_on_the_validation_states_falls_back():
+    """Fit states that only probe the data's smallest scale, validation states that only probe its largest:
+    the grid fitted to the first loses on the second, and the best standard grid there is returned."""
+    sde = sd.SDE(sd.LinearVP())
+    gm = sd.oracle.GaussianMixture(
+        torch.zeros(1, 2, dtype=F64), torch.diag(torch.tensor([1e-4, 4.0], dtype=F64))[None]
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(16, 2, dtype=F64)
+    x[:12, 0] = torch.randn(12, generator=g, dtype=F64)  # the fit states (first 3/4)
+    x[12:, 1] = torch.randn(4, generator=g, dtype=F64)  # the validation states (last 1/4)
+    fit = fit_times(gm.model(sde), sde, 5, x_pilot=x, t_min=1e-3, max_evals=80)
+    assert (
+        fit.n_validation == 4
+        and fit.fell_back
+        and fit.chosen in ("dpm", "logsnr", "edm", "quadratic", "uniform")
+    )
+    assert fit.validation_error > fit.validation_best_standard
+    assert torch.equal(fit.times, get_times(sde, 5, grid=fit.chosen, t_min=1e-3))
+    assert "lost" in fit.describe()
+    # the same states with validation off: the fitted grid is kept whatever it does elsewhere
+    kept = fit_times(gm.model(sde), sde, 5, x_pilot=x, t_min=1e-3, max_evals=80, validation=0.0)
+    assert kept.chosen == "fitted" and kept.n_validation == 0 and kept.error < kept.start_error
+
+
+def test_a_fit_that_generalises_is_kept_and_the_regulariser_holds_it_near_the_start():
+    sde, net, x = counted_gaussian(4, seed=31, batch=64)
+    free = fit_times(net, sde, 5, x_pilot=x, t_min=1e-3, max_evals=100, reg=0.0)
+    held = fit_times(net, sde, 5, x_pilot=x, t_min=1e-3, max_evals=100, reg=1e6)
+    assert free.chosen == "fitted" and free.validation_error < free.validation_best_standard
+    from sdediff.samplers.fitted import _Warp
+
+    # the search's own start point: the start grid as its knot log-weights represent it
+    warp = _Warp(sde.schedule, 5, 1e-3, 1.0, 8)
+    anchor = warp.times(warp.start(get_times(sde, 5, grid=held.start, t_min=1e-3)))
+
+    def moved(t):
+        return float((sde.schedule.log_snr(t[1:-1]) - sde.schedule.log_snr(anchor[1:-1])).abs().max())
+
+    assert free.start == held.start and moved(held.times) < 0.02 < 0.2 < moved(free.times)
+
+
+class WeightedGaussian(torch.nn.Module):
+    """The exact eps of a Gaussian times a weight ``w`` (1: exact): a model with a state dict."""
+
+    def __init__(self, gm, sde):
+        super().__init__()
+        self.fn = gm.model(sde)
+        self.w = torch.nn.Parameter(torch.ones((), dtype=F64))
+
+    def forward(self, x, t):
+        return self.w * self.fn(x, t)
+
+
+def _stored_setup():
+    from sdediff.samplers import fit_grids
+
+    sde = sd.SDE(sd.LinearVP())
+    net = WeightedGaussian(random_gaussian(3, 1e-2, 1.0, seed=41), sde)
+    grids = fit_grids(net, sde, [4, 6], shape=(3,), dtype=F64, n_pilot=32, max_evals=30)
+    return sde, net, grids
+
+
+def test_a_stored_grid_is_used_and_reported_and_a_stale_one_is_not():
+    sde, net, grids = _stored_setup()
+    # dpm_solver's own end for these budgets (the schedule's default_t_min up to 10 steps)
+    assert [g.steps for g in grids] == [4, 6] and all(g.t_min == sde.schedule.default_t_min for g in grids)
+    x = sde.prior_sample((5, 3), generator=torch.Generator().manual_seed(1), dtype=F64)
+    y, info = sd.sample(net, sde, steps=6, x_T=x, grids=grids, return_info=True)
+    stored = grids.grids[1]
+    assert info.stored == stored and info.grid.startswith("stored") and info.nfe == 6
+    assert torch.equal(info.times, torch.tensor(stored.times, dtype=F64))
+    assert torch.allclose(y, dpm_solver(net, sde, x.clone(), info.times), rtol=0, atol=1e-12)
+    # the same options spelled out match too; another budget, an explicit grid or other options do not
+    assert sd.sample(net, sde, steps=6, x_T=x, grids=grids, order=3, return_info=True)[1].stored == stored
+    for kw in (
+        {"steps": 5},
+        {"steps": 6, "grid": "dpm"},
+        {"steps": 6, "order": 2},
+        {"steps": 6, "t_min": 0.0},
+    ):
+        _, other = sd.sample(net, sde, x_T=x, grids=grids, return_info=True, **kw)
+        assert other.stored is None and not other.grid.startswith("stored")
+    # the same weights in a new object still match (the key is the weights' hash, not the object)
+    twin = WeightedGaussian(random_gaussian(3, 1e-2, 1.0, seed=41), sde)
+    assert sd.sample(twin, sde, steps=6, x_T=x, grids=grids, return_info=True)[1].stored == stored
+    # changed weights: the stale grid is never used, the default grid runs
+    with torch.no_grad():
+        net.w.mul_(1.001)
+    _, stale = sd.sample(net, sde, steps=6, x_T=x, grids=grids, return_info=True)
+    assert stale.stored is None and stale.grid == "dpm"
+    assert torch.equal(stale.times, get_times(sde, 6, grid="dpm"))
+
+
+def test_grids_are_stored_in_the_checkpoint_under_its_hash_and_checked_on_reading(tmp_path):
+    import json
+
+    from sdediff.checkpoint import load_checkpoint, metadata_digest, save_checkpoint
+    from sdediff.samplers import store_grids
+    from sdediff.samplers.stored import GridsError, StoredGrids, grids_from_checkpoint
+
+    sde, net, grids = _stored_setup()
+    path = save_checkpoint(
+        tmp_path / "checkpoints", 7, {f"ema.{k}": v for k, v in net.state_dict().items()}, {}
+    )
+    assert store_grids(tmp_path, grids) == path
+    _, meta = load_checkpoint(path)  # the hash covers the grids
+    assert grids_from_checkpoint(meta) == grids
+    record = json.loads(path.read_text())
+    record["grids"][0]["times"][1] += 1e-3  # edited without a new hash: the checkpoint refuses to load
+    path.write_text(json.dumps(record))
+    with pytest.raises(sd.CheckpointError, match="altered"):
+        load_checkpoint(path)
+    record["grids"][0]["times"][1] = 5.0  # a consistent hash but times that are not decreasing
+    record["meta_sha256"] = metadata_digest(record)
+    path.write_text(json.dumps(record))
+    _, meta = load_checkpoint(path)
+    with pytest.raises(GridsError, match=r"grids\[0\]\.times: must be 5 finite, strictly decreasing"):
+        grids_from_checkpoint(meta)
+    bad = grids.to_json()
+    bad[0]["sampler"] = "os.system"
+    with pytest.raises(GridsError, match="not a built-in sampler"):
+        StoredGrids.from_json(bad, "x")
+
+
+def _compose(name, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from sdediff.cli._common import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.slow  # a short training run, a fit and five sampling commands (~15 s idle, more under load)
+def test_train_fits_and_stores_grids_that_sdediff_sample_then_uses(tmp_path, capsys):
+    from sdediff.cli import fit as fit_cli
+    from sdediff.cli import sample as sample_cli
+    from sdediff.cli import train as train_cli
+
+    run = tmp_path / "run"
+    quiet = ["train.progress=false", "train.tensorboard=false", "eval.likelihood=null", "eval.baseline=null"]
+    cfg = _compose(
+        "config",
+        "train.steps=20",
+        "train.log_every=10",
+        "eval.n_samples=0",
+        *quiet,
+        "train.fit_grids=[3]",
+        f"out_dir={run}",
+    )
+    report = train_cli.run(cfg)
+    assert report["grids"]["fitted"] and report["grids"]["steps"] == [3]
+    sample = lambda steps, out: sample_cli.run(  # noqa: E731
+        _compose(
+            "sample_checkpoint", f"ckpt={run}", f"steps={steps}", "n=8", "progress=false", f"out_dir={out}"
+        )
+    )
+    out = sample(3, tmp_path / "s3")
+    assert out["grid"].startswith("stored") and "grid: stored" in capsys.readouterr().out
+    assert sample(4, tmp_path / "s4")["grid"] == "dpm"  # no grid stored for 4 steps: the default grid
+    # sdediff-fit adds a budget to the same checkpoint (the earlier grid stays)
+    res = fit_cli.run(_compose("fit", f"ckpt={run}", "steps=[4]", "progress=false", "n_pilot=64"))
+    assert [g.steps for g in sd.samplers.load_grids(res["path"])] == [3, 4]
+    assert sample(4, tmp_path / "s4b")["grid"].startswith("stored")
+    # the raw weights are other weights: the EMA's grids are not used for them
+    raw = _compose(
+        "sample_checkpoint", f"ckpt={run}", "steps=3", "n=8", "weights=model", f"out_dir={tmp_path / 'r'}"
+    )
+    assert not sample_cli.run(raw)["grid"].startswith("stored")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("steps=[1,5]", "steps=[1,5]: must be a list of distinct integers >= 2"),
+        ("sampler=ancestral", "sampler.name=ancestral: must be deterministic with these options"),
+        ("sampler.name=nope", "sampler.name=nope: must be one of"),
+        ("sampler.options.order=7", "sampler.options.order=7: must be 1, 2 or 3"),
+        ("sampler.grid=logsnr", "sampler.grid=logsnr: must be null"),
+        ("validation=1.5", "validation=1.5: must be a number in [0, 0.9]"),
+        ("objective=kl", "objective=kl: must be one of rms, whitened"),
+    ],
+)
+def test_bad_sdediff_fit_input_is_one_line(tmp_path, capsys, override, message):
+    from sdediff.cli import fit as fit_cli
+
+    with pytest.raises(SystemExit) as e:
+        fit_cli.run(_compose("fit", f"ckpt={tmp_path / 'missing'}", override))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("sdediff-fit: error: "), err
+    assert message in err, err
+
+
+def test_sdediff_fit_help_says_what_it_does(capsys, monkeypatch):
+    from sdediff.cli import fit as fit_cli
+
+    monkeypatch.setattr("sys.argv", ["sdediff-fit", "--help"])
+    with pytest.raises(SystemExit):
+        fit_cli.main()
+    text = capsys.readouterr().out
+    assert text.startswith("sdediff-fit: ") and "Examples:" in text and "Groups:" in text
+    assert "Powered by Hydra" not in text
+    assert len([line for line in text.splitlines() if line.strip().startswith("sdediff-fit ")]) >= 3

@@ -77,9 +77,10 @@ def test_dpm_grid_knee_before_sigma_zero():
     for steps in (2, 10, 20, 50):
         t = get_times(sde, steps, grid="dpm", t_min=0.0)
         assert t.shape == (steps + 1,) and float(t[-1]) == 0.0 and bool((t.diff() < 0).all())
-        # the knee: sigma/alpha = max(0.1/steps, its value at t_1)
+        # the knee: sigma/alpha = max(knee/steps, its value at t_1), knee 0.1 up to 10 steps, 0.25 above
         s_knee = float(torch.exp(-0.5 * sde.schedule.log_snr(t[-2])))
-        assert s_knee == pytest.approx(max(0.1 / steps, 0.01000050), rel=1e-6)
+        knee = 0.1 if steps <= 10 else 0.25
+        assert s_knee == pytest.approx(max(knee / steps, 0.01000050), rel=1e-6)
     assert get_times(sde, 1, grid="dpm", t_min=0.0).tolist() == [1.0, 0.0]
 
 

@@ -406,6 +406,7 @@ def train_kwargs(cfg_train: DictConfig) -> dict[str, Any]:
     from ..training import train
 
     kwargs = to_plain(cfg_train)
+    kwargs.pop("fit_grids", None)  # sdediff-train's own step after training (cli/train.py), not train()'s
     allowed = {n for n, p in inspect.signature(train).parameters.items() if p.kind is p.KEYWORD_ONLY} - {
         "out_dir",
         "config",

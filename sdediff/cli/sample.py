@@ -49,6 +49,7 @@ from ._common import (
 )
 from ._outputs import command
 from ._source import load_source
+from .fit import source_grids
 from .train import _check_finite_samples
 
 PROG = "sdediff-sample"
@@ -79,6 +80,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     if info and cfg.sampler.get("name") == "ancestral" and not overridden("sampler.options.variance"):
         # sample the way the diffusers scheduler would (its variance_type), unless told otherwise
         cfg.sampler.options.variance = info["variance"]
+    grids = source_grids(src, cfg.get("diffusers"))  # the grids sdediff-fit stored with this model
     sampler = instantiate_at(cfg.sampler, "sampler")
     check_sampler(sampler, src.sde, src.item_shape, bool(getattr(src.model, "learn_variance", False)))
     scale, interval = check_guidance(cfg.get("guidance"), cfg.get("guidance_interval"))
@@ -92,7 +94,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     # -- sample ---------------------------------------------------------------------------------------
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     g = torch.Generator(device=device).manual_seed(seed)
-    chunks, nfe, pilot, traj, rows = [], 0, 0, [], 0
+    chunks, nfe, pilot, traj, rows, ran = [], 0, 0, [], 0, ""
     batches = range(0, n, cfg.batch_size)
     bar = None
     if cfg.get("progress", True) and len(batches) > 1:
@@ -111,8 +113,15 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
             if labels is not None:
                 net = guided(model, labels[start : start + b], 1.0 if scale is None else scale, interval)
             x, info = sampler(
-                net, src.sde, shape=(b, *src.item_shape), generator=g, callback=cb, return_info=True
+                net,
+                src.sde,
+                shape=(b, *src.item_shape),
+                generator=g,
+                callback=cb,
+                return_info=True,
+                grids=grids or None,
             )
+            ran = info.grid
             chunks.append(x.cpu())
             nfe, pilot, rows = max(nfe, info.nfe), pilot + info.pilot_nfe, rows + info.rows
             if bar is not None:
@@ -125,7 +134,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
     sde_name = type(src.sde.schedule).__name__
     variance = sampler.options.get("variance")
     what = f"{sampler.label}{f' ({variance} variance)' if isinstance(variance, str) else ''}, "
-    what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}"
+    what += f"{sampler.n_steps} steps, {nfe} NFE, {sde_name}, grid: {ran}"
     if pilot:
         what += f" (grid fitted on {pilot} pilot NFE, not counted above)"
     what += describe(labels, names, scale, interval)
@@ -150,6 +159,7 @@ def _run(cfg: DictConfig, sde_from_config: bool) -> dict[str, Any]:
         "source": src.label,
         "nfe": nfe,
         "pilot_nfe": pilot,
+        "grid": ran,
         "seconds": took,
         "labels": labels,
         "class_names": names,

@@ -51,6 +51,7 @@ from ._common import (
     train_kwargs,
 )
 from ._outputs import command
+from .fit import after_training, check_fit_grids
 
 PROG = "sdediff-train"
 LIKELIHOODS = (None, "nll", "bpd")
@@ -244,6 +245,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     checked = inspect.signature(validate).parameters
     validate(**{k: v for k, v in kwargs.items() if k in checked}, world_size=world)
     _check_eval(cfg.eval)
+    check_fit_grids(cfg.train.get("fit_grids", False))  # before any work
     out = output_dir(cfg)
     estimated = needs_sigma_data(cfg)
     objs = build(cfg)  # fills model.sigma_data from the training data when it is null (prediction=edm)
@@ -320,6 +322,17 @@ def _finish(cfg, result, out, objs, data, splits, kwargs, n_params, log, t0, ran
     if rank != 0:
         return report
     splits["train_ds"] = data  # the labelled training split (the quality classifier's)
+    # the grids sdediff-sample uses out of the box, fitted to the final weights (after the final checkpoint)
+    fit_mode = check_fit_grids(cfg.train.get("fit_grids", False))
+    report["grids"] = after_training(
+        fit_mode,
+        result.eval_model,
+        objs["sde"],
+        tuple(data[0][0].shape),
+        result.checkpoint,
+        result.elapsed_s,
+        log,
+    )
     report.update(
         evaluate(cfg, result.eval_model, objs["sde"], objs["sampler"], as_tensor(data), out, log, splits)
     )

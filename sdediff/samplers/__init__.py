@@ -41,6 +41,7 @@ from .ode import pf_ode, via_torchdiffeq
 from .posterior import ancestral
 from .reverse_sde import euler_maruyama, via_torchsde
 from .stochastic import dpm_solver_sde, dpmpp_2s_ancestral, edm, euler_ancestral
+from .stored import StoredGrid, StoredGrids, fit_grids, load_grids, store_grids
 
 __all__ = [
     "SAMPLERS",
@@ -66,6 +67,11 @@ __all__ = [
     "fit_times",
     "clear_fitted_cache",
     "FITTED",
+    "StoredGrid",
+    "StoredGrids",
+    "fit_grids",
+    "store_grids",
+    "load_grids",
 ]
 
 #: the grid name that asks :func:`sample` for a grid fitted to the model (:func:`fit_times`)
@@ -96,9 +102,10 @@ class SampleInfo:
 
     ``pilot_nfe`` counts the model calls (on the pilot batch) this call spent fitting a
     ``grid="fitted"`` grid, never included in ``nfe``; 0 when the grid came from the cache or is a fixed
-    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids). ``rows`` counts the network
-    rows of the ``nfe`` evaluations (batch size per evaluation; twice that for a guided model, see
-    :func:`sdediff.guided`)."""
+    one. ``fit`` is the :class:`FittedGrid` used (``None`` for fixed grids). ``grid`` says which grid
+    ran (a grid name, or the description of a stored grid); ``stored`` is the :class:`StoredGrid` used
+    (``None`` when none matched). ``rows`` counts the network rows of the ``nfe`` evaluations (batch size
+    per evaluation; twice that for a guided model, see :func:`sdediff.guided`)."""
 
     nfe: int
     times: Tensor
@@ -106,6 +113,8 @@ class SampleInfo:
     steps: int
     pilot_nfe: int = 0
     fit: FittedGrid | None = None
+    grid: str = ""
+    stored: StoredGrid | None = None
     rows: int = 0
 
     @property
@@ -174,7 +183,7 @@ def _resolve(sampler, steps, grid, t_min, options: Mapping[str, Any], sde: SDE |
             raise ArgumentError("t_min", t_min, f"must be a number in [0, T) = [0, {T:g})", "sample")
         t_min = float(t_min)
     elif grid != FITTED:
-        t_min = spec.default_t_min(grid, options)
+        t_min = spec.default_t_min(grid, options, steps=steps)
     return fn, spec, steps, grid, t_min
 
 
@@ -236,6 +245,7 @@ def sample(
     device=None,
     dtype: torch.dtype | None = None,
     fit: Mapping[str, Any] | None = None,
+    grids: StoredGrids | None = None,
     **options,
 ):
     """Draw samples by integrating the reverse process from ``T`` to ``t_min`` on a time grid.
@@ -258,7 +268,7 @@ def sample(
             seed gives identical samples.
         t_min: where sampling stops, in ``[0, T)``. Default: the sampler's rule (0 for ``ancestral``
             on grids that allow it, so that the last step returns x0_hat as DDPM does; 0 for
-            ``dpm_solver`` on its "dpm" grid), else the schedule's ``default_t_min``.
+            ``dpm_solver`` on its "dpm" grid with more than 10 steps), else the schedule's ``default_t_min``.
         callback: called with ``{"i", "t", "x", "x0"}`` after each model evaluation on the grid.
         grid: a grid name of :data:`sdediff.timegrids.GRIDS`, or ``"fitted"``: a grid fitted to this
             model by :func:`fit_times` on pilot trajectories (deterministic samplers only; fitted once
@@ -270,6 +280,10 @@ def sample(
         progress: show a tqdm progress bar (and one over the fit of a ``"fitted"`` grid).
         fit: keyword arguments of :func:`fit_times` for ``grid="fitted"`` (``n_pilot``, ``objective``,
             ``reference_steps``, ``knots``, ``max_evals``, ``generator`` of the pilot draws).
+        grids: the :class:`StoredGrids` fitted to this model (``sdediff-fit``, :func:`fit_grids`); when
+            ``grid`` is not given and one of them was fitted for this sampler, its options, ``steps``,
+            the end points, the schedule and *these* weights, it replaces the default grid
+            (``info.grid`` and ``info.stored`` say so). A grid fitted to other weights is never used.
         **options: the sampler's own options (e.g. ``eta``, ``variance``, ``method``, ``denoise``).
 
     Returns:
@@ -278,7 +292,10 @@ def sample(
     # -- validate everything first --------------------------------------------------------------------
     if not isinstance(sde, SDE):
         raise TypeError(f"sample: sde must be an sdediff.SDE, got {type(sde).__name__}")
+    asked = grid
     fn, spec, steps, grid, t_min = _resolve(sampler, steps, grid, t_min, options, sde)
+    if grids is not None and not isinstance(grids, StoredGrids):
+        raise ArgumentError("grids", type(grids).__name__, "must be StoredGrids (or None)", "sample")
     shape = _check_shape(shape, x_T)
     if x_T is not None:
         device, dtype = x_T.device, x_T.dtype
@@ -294,8 +311,13 @@ def sample(
     if not callable(model):
         raise TypeError(f"sample: model must be a Model or a callable net(x, t), got {type(model).__name__}")
     fit_kw = _check_fit(fit, grid)
-    fitted, pilot_nfe = None, 0
-    if grid == FITTED:
+    fitted, pilot_nfe, stored = None, 0, None
+    if grids is not None and asked is None and spec.is_deterministic(options):
+        end = float(sde.schedule.default_t_min) if t_min is None else float(t_min)
+        stored = grids.find(fn, options, steps, end, float(sde.T), model, sde)
+    if stored is not None:
+        times = torch.tensor(stored.times, dtype=torch.float64)
+    elif grid == FITTED:
         if t_min is None:
             t_min = float(sde.schedule.default_t_min)
         item = tuple(x_T.shape[1:]) if x_T is not None else tuple(shape[1:])
@@ -350,6 +372,7 @@ def sample(
             bar.close()
     if return_info:
         name = sampler if isinstance(sampler, str) else spec.name
+        ran = stored.describe() if stored is not None else (fitted.describe() if fitted else grid)
         return x, SampleInfo(
             nfe=ev.nfe,
             times=times,
@@ -358,11 +381,22 @@ def sample(
             pilot_nfe=pilot_nfe,
             fit=fitted,
             rows=ev.rows,
+            grid=ran,
+            stored=stored,
         )
     return x
 
 
-_FIT_KEYS = ("n_pilot", "objective", "reference_steps", "knots", "max_evals", "generator")
+_FIT_KEYS = (
+    "n_pilot",
+    "objective",
+    "reference_steps",
+    "knots",
+    "max_evals",
+    "validation",
+    "reg",
+    "generator",
+)
 
 
 def _check_fit(fit, grid) -> dict:

@@ -83,8 +83,21 @@ class SamplerSpec:
             return self.grid
         return "trailing" if sde.schedule.timesteps is not None else "uniform"
 
-    def default_t_min(self, grid: str, options: Mapping[str, Any]) -> float | None:
-        return self.t_min(grid, options) if callable(self.t_min) else self.t_min
+    def default_t_min(self, grid: str, options: Mapping[str, Any], steps: int | None = None) -> float | None:
+        """The end time for this grid and options; a rule that takes a ``steps`` keyword gets the budget."""
+        if not callable(self.t_min):
+            return self.t_min
+        if steps is not None and _takes_steps(self.t_min):
+            return self.t_min(grid, options, steps=steps)
+        return self.t_min(grid, options)
+
+
+@lru_cache(maxsize=64)
+def _takes_steps(rule) -> bool:
+    try:
+        return "steps" in inspect.signature(rule).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def declare(

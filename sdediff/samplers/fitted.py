@@ -10,6 +10,14 @@ the tight solutions (``objective="rms"``), or that distance in the metric of the
 covariance (``"whitened"``: every direction counts relative to its spread, as a likelihood or a KL
 would weigh it; needs ``n_pilot`` > the data dimension).
 
+Generalisation. The pilot batch is split: the search sees only the first ``1 - validation`` of it, and
+the grid it finds is kept only if it also beats the best standard grid on the held-out states
+(:attr:`FittedGrid.chosen` is then ``"fitted"``); otherwise that standard grid is returned
+(``chosen`` names it), so a fit never does worse on states it has not seen than the grids it started
+from. The objective carries a small penalty ``reg * mean((z - z0)^2)`` on the knot log-weights' move away
+from the start grid (a grid is only moved as far as the pilot error pays for), and a cheap model (few
+parameters, small items) gets 1024 pilot states instead of 256 (``n_pilot=None``).
+
 The search runs in the half log-SNR ``l = log(alpha/sigma)``: the grid's increments in ``l`` are a
 softmax of at most ``knots`` log-weights (piecewise linear between the knots when the grid has more
 steps than that), so every candidate is a strictly decreasing grid with the requested end points, and
@@ -46,7 +54,7 @@ from ..sde import SDE
 from ..timegrids import get_times
 from .base import Evaluator, spec_of
 
-__all__ = ["FittedGrid", "fit_times", "OBJECTIVES", "clear_fitted_cache"]
+__all__ = ["FittedGrid", "fit_times", "auto_pilot", "OBJECTIVES", "clear_fitted_cache"]
 
 OBJECTIVES = ("rms", "whitened")
 _STARTS = ("dpm", "logsnr", "edm", "quadratic", "uniform")
@@ -67,6 +75,12 @@ class FittedGrid:
         error: the pilot error of the fitted grid (never above ``start_error``).
         evaluations: sampler runs on the pilot batch (``pilot_nfe = reference_steps + steps *
             evaluations`` for a sampler that makes ``steps`` calls per run).
+        chosen: ``"fitted"`` when the fitted grid beat every standard grid on the validation states,
+            else the name of the standard grid that did best there (``times`` is then that grid).
+        n_validation: held-out pilot states (0: no validation, the fitted grid is kept).
+        validation_error: the validation error of the fitted grid (nan without validation).
+        validation_best_standard: the validation error of the best standard grid (nan without).
+        start_error, error: measured on the fit states only (the first ``n_pilot - n_validation``).
     """
 
     times: Tensor
@@ -77,6 +91,32 @@ class FittedGrid:
     start_error: float
     error: float
     evaluations: int
+    chosen: str = "fitted"
+    n_validation: int = 0
+    validation_error: float = math.nan
+    validation_best_standard: float = math.nan
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether the fitted grid lost on the validation states (``times`` is a standard grid)."""
+        return self.chosen != "fitted"
+
+    def describe(self) -> str:
+        """One line for logs: which grid this is and how it was chosen."""
+        if self.n_validation == 0:
+            return (
+                f"fitted grid (pilot {self.objective} error {self.error:.3g} vs {self.start_error:.3g} "
+                f"for {self.start!r})"
+            )
+        if self.fell_back:
+            return (
+                f"standard grid {self.chosen!r} (the fitted grid lost on {self.n_validation} validation "
+                f"states: {self.validation_error:.3g} vs {self.validation_best_standard:.3g})"
+            )
+        return (
+            f"fitted grid (validation {self.objective} error {self.validation_error:.3g} vs "
+            f"{self.validation_best_standard:.3g} for the best standard grid)"
+        )
 
 
 def _lam(sch, t) -> np.ndarray:
@@ -141,6 +181,19 @@ def _start_grid(sde, steps, grid, t_min, t_max, warp: _Warp) -> Tensor | None:
         return None
 
 
+#: pilot states for a cheap model (``n_pilot=None``): few parameters and small items
+CHEAP_PILOT, DEFAULT_PILOT = 1024, 256
+_CHEAP_PARAMS, _CHEAP_ITEM = 2_000_000, 1024
+
+
+def auto_pilot(model, item_numel: int) -> int:
+    """The pilot batch of ``n_pilot=None``: :data:`CHEAP_PILOT` states when the model is cheap to call
+    (at most 2M parameters and items of at most 1024 numbers: toy networks, oracles), else
+    :data:`DEFAULT_PILOT`. A rule on sizes, not a timing, so the same model always gets the same fit."""
+    n_params = sum(q.numel() for q in getattr(model, "parameters", lambda: iter(()))())
+    return CHEAP_PILOT if n_params <= _CHEAP_PARAMS and item_numel <= _CHEAP_ITEM else DEFAULT_PILOT
+
+
 def fit_times(
     model,
     sde: SDE,
@@ -150,7 +203,7 @@ def fit_times(
     options: Mapping[str, Any] | None = None,
     shape=None,
     x_pilot: Tensor | None = None,
-    n_pilot: int = 256,
+    n_pilot: int | None = None,
     generator: torch.Generator | None = None,
     t_min: float = 0.0,
     t_max: float | None = None,
@@ -158,6 +211,8 @@ def fit_times(
     reference_steps: int = 400,
     knots: int = 8,
     max_evals: int | None = None,
+    validation: float = 0.25,
+    reg: float = 0.01,
     device=None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -174,12 +229,17 @@ def fit_times(
         shape: the shape of one item, e.g. ``(2,)`` or ``(3, 32, 32)`` (not needed with ``x_pilot``).
         x_pilot: the pilot states at ``t_max`` (default: ``n_pilot`` prior draws with ``generator``,
             else seed 0).
-        n_pilot: pilot batch size when ``x_pilot`` is not given.
+        n_pilot: pilot batch size when ``x_pilot`` is not given; ``None``: :func:`auto_pilot` (1024 for
+            a cheap model, else 256).
         t_min, t_max: the grid's end points (``t_max`` default ``sde.T``).
         objective: ``"rms"`` or ``"whitened"`` (see the module docstring).
         reference_steps: steps of the tight reference solve (the sampler on its "dpm" grid).
         knots: at most this many free log-weights (the search has ``min(steps, knots) - 1`` dimensions).
         max_evals: objective evaluations of the search (default ``60 * dimensions + 20``).
+        validation: the fraction of the pilot states held out to validate the fitted grid against the
+            standard ones (in ``[0, 0.9]``; 0: no validation, the fitted grid is always kept).
+        reg: weight of the penalty on the knot log-weights' mean squared move from the start grid,
+            added to the log of the pilot mean squared error (0: none).
         device, dtype: of the pilot batch (default the model's, float32 for parameter-free models;
             ``x_pilot``'s when given).
         progress: show a tqdm bar over the objective evaluations.
@@ -197,6 +257,9 @@ def fit_times(
     for name, v, lo in (("reference_steps", reference_steps, steps), ("knots", knots, 2)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
             raise ArgumentError(name, v, f"must be an integer >= {lo}", "fit_times")
+    for name, v, hi in (("validation", validation, 0.9), ("reg", reg, math.inf)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= hi:
+            raise ArgumentError(name, v, f"must be a number in [0, {hi:g}]", "fit_times")
     if not spec_of(sampler).is_deterministic(options):
         raise ArgumentError(
             "sampler",
@@ -213,6 +276,8 @@ def fit_times(
     if x_pilot is None:
         if shape is None:
             raise ValueError("fit_times: pass shape=(item shape) or x_pilot")
+        if n_pilot is None:
+            n_pilot = auto_pilot(model, math.prod(tuple(shape)))
         if isinstance(n_pilot, bool) or not isinstance(n_pilot, numbers.Integral) or n_pilot < 1:
             raise ArgumentError("n_pilot", n_pilot, "must be an integer >= 1", "fit_times")
         p = next((q for q in getattr(model, "parameters", lambda: iter(()))() if q.is_floating_point()), None)
@@ -221,18 +286,23 @@ def fit_times(
         g = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
         x_pilot = sde.prior_sample((int(n_pilot), *tuple(shape)), generator=g, device=device, dtype=dtype)
     warp = _Warp(sch, steps, t_min, t_max, knots)
+    n_all = int(x_pilot.shape[0])
+    n_val = int(round(float(validation) * n_all)) if n_all >= 8 else 0
+    n_fit = n_all - n_val
     if objective == "whitened":
         D = x_pilot[0].numel()
-        if x_pilot.shape[0] <= D:
+        if n_fit <= D:
             raise ArgumentError(
                 "n_pilot",
-                x_pilot.shape[0],
-                f"must exceed the data dimension {D} for objective 'whitened' (or use 'rms')",
+                n_all,
+                f"must leave more than the data dimension {D} fit states for objective 'whitened' "
+                f"({n_fit} after holding out {n_val} for validation; or use 'rms')",
                 "fit_times",
             )
 
     ev = Evaluator(model, sde)  # counts the pilot calls
-    run = lambda t: sampler(ev, sde, x_pilot.clone(), t, **options)  # noqa: E731
+    x_fit = x_pilot[:n_fit]
+    run = lambda t, x: sampler(ev, sde, x.clone(), t, **options)  # noqa: E731
     with torch.no_grad():
         ref_times = get_times(sde, int(reference_steps), grid="dpm", t_min=t_min, t_max=t_max)
         ref = dpm_solver(ev, sde, x_pilot.clone(), ref_times).flatten(1).double()
@@ -242,30 +312,40 @@ def fit_times(
             )
         L = None
         if objective == "whitened":
-            C = torch.cov(ref.T)
+            C = torch.cov(ref[:n_fit].T)
             C = C + 1e-9 * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype)
             L = torch.linalg.cholesky(C)
 
         runs = [0]
 
+        def sq_errors(y: Tensor, rows: slice) -> Tensor:
+            d = y.flatten(1).double() - ref[rows]
+            if L is not None:
+                d = torch.linalg.solve_triangular(L, d.T, upper=False).T
+            return d.pow(2).sum(1)
+
+        def log_mse(v: float) -> float:
+            return math.log(v) if math.isfinite(v) and v > 0 else (-math.inf if v == 0 else math.inf)
+
         def score(t: Tensor) -> float:
-            """log of the pilot mean squared error of the sampler on grid t (inf: unusable grid)."""
+            """log of the fit states' mean squared error of the sampler on grid t (inf: unusable)."""
             if not bool((t[1:] < t[:-1]).all()):
                 return math.inf
             runs[0] += 1
-            d = run(t).flatten(1).double() - ref
-            if L is not None:
-                d = torch.linalg.solve_triangular(L, d.T, upper=False).T
-            v = float(d.pow(2).sum(1).mean())
-            return math.log(v) if math.isfinite(v) and v > 0 else (-math.inf if v == 0 else math.inf)
+            return log_mse(float(sq_errors(run(t, x_fit), slice(0, n_fit)).mean()))
 
-        best = None
+        # the standard grids on every pilot state at once: fit-set error (the start) and validation error
+        best, standard_val = None, []
         for name in _STARTS:
             t0 = _start_grid(sde, steps, name, t_min, t_max, warp)
             z0 = None if t0 is None else warp.start(t0)
             if z0 is None:
                 continue
-            s0 = score(t0)
+            runs[0] += 1
+            e = sq_errors(run(t0, x_pilot), slice(None))
+            s0 = log_mse(float(e[:n_fit].mean()))
+            if n_val:
+                standard_val.append((log_mse(float(e[n_fit:].mean())), name, t0))
             if best is None or s0 < best[0]:
                 best = (s0, name, t0, z0)
         if best is None:
@@ -278,7 +358,7 @@ def fit_times(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=budget, desc=f"fitting a {steps}-step grid")
-        seen = {"best": (s0, t0), "n": 0}
+        seen = {"best": (s0, s0, t0), "n": 0}  # (penalised objective, pilot log error, times)
 
         def f(z):
             seen["n"] += 1
@@ -289,9 +369,10 @@ def fit_times(
             except (ValueError, RuntimeError):
                 return 1e6
             s = score(t)
-            if s < seen["best"][0]:
-                seen["best"] = (s, t)
-            return s if math.isfinite(s) else 1e6
+            obj = s + float(reg) * float(np.mean((np.asarray(z) - z0) ** 2))
+            if obj < seen["best"][0]:
+                seen["best"] = (obj, s, t)
+            return obj if math.isfinite(obj) else 1e6
 
         if n_dim > 0 and math.isfinite(s0):
             # Nelder-Mead from the start grid, then restarted from its best point with a smaller simplex
@@ -315,17 +396,28 @@ def fit_times(
             finally:
                 if bar is not None:
                     bar.close()
-        s1, t1 = seen["best"]
+        _, s1, t1 = seen["best"]
+        chosen, v_fit, v_std = "fitted", math.nan, math.nan
+        if n_val:
+            runs[0] += 1
+            v_fit = log_mse(float(sq_errors(run(t1, x_pilot[n_fit:]), slice(n_fit, None)).mean()))
+            v_std, std_name, std_times = min(standard_val, key=lambda r: r[0])
+            if not v_fit < v_std:  # the fit did not generalise: the best standard grid on held-out states
+                chosen, t1 = std_name, std_times
     root = lambda s: math.exp(0.5 * s) if s < math.inf else math.inf  # noqa: E731
     return FittedGrid(
         times=t1.clone(),
         pilot_nfe=ev.nfe,
-        n_pilot=int(x_pilot.shape[0]),
+        n_pilot=n_all,
         objective=objective,
         start=start,
         start_error=root(s0),
         error=root(s1),
         evaluations=runs[0],
+        chosen=chosen,
+        n_validation=n_val,
+        validation_error=root(v_fit) if n_val else math.nan,
+        validation_best_standard=root(v_std) if n_val else math.nan,
     )
 
 
