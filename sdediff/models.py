@@ -199,16 +199,22 @@ class Model(nn.Module):
         return _to_kind(out, self.prediction, x, t, sde, kind, self.sigma_data)
 
     def eps(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
-        return self.predict(x, t, sde, "eps", class_labels=class_labels)
+        return self.predict(x, t, sde, "eps", **labels_kw(class_labels))
 
     def x0(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
-        return self.predict(x, t, sde, "x0", class_labels=class_labels)
+        return self.predict(x, t, sde, "x0", **labels_kw(class_labels))
 
     def score(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
-        return self.predict(x, t, sde, "score", class_labels=class_labels)
+        return self.predict(x, t, sde, "score", **labels_kw(class_labels))
 
     def v(self, x: Tensor, t, sde: SDE, class_labels: Tensor | None = None) -> Tensor:
-        return self.predict(x, t, sde, "v", class_labels=class_labels)
+        return self.predict(x, t, sde, "v", **labels_kw(class_labels))
+
+
+def labels_kw(class_labels) -> dict:
+    """``{"class_labels": ...}`` when there are labels, else ``{}``: a ``Model`` subclass written before
+    conditioning (``predict(x, t, sde, kind)``) keeps working wherever no labels are passed."""
+    return {} if class_labels is None else {"class_labels": class_labels}
 
 
 def _to_kind(out: Tensor, source: str, x: Tensor, t, sde: SDE, kind: str, sigma_data=None) -> Tensor:
@@ -337,18 +343,18 @@ class ClippedModel(Model):
         self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         check_kind(kind, "kind")
-        x0, v = self.inner.predict_with_v(x, t, sde, "x0", class_labels=class_labels)
+        x0, v = self.inner.predict_with_v(x, t, sde, "x0", **labels_kw(class_labels))
         return _to_kind(self.clip(x0), "x0", x, t, sde, kind, self.sigma_data), v
 
     def predict(
         self, x: Tensor, t, sde: SDE, kind: str = "eps", class_labels: Tensor | None = None
     ) -> Tensor:
         check_kind(kind, "kind")
-        x0 = self.clip(self.inner.predict(x, t, sde, "x0", class_labels=class_labels))
+        x0 = self.clip(self.inner.predict(x, t, sde, "x0", **labels_kw(class_labels)))
         return _to_kind(x0, "x0", x, t, sde, kind, self.sigma_data)
 
     def forward(self, x: Tensor, t, with_v: bool = False, class_labels: Tensor | None = None):
-        out, v = self.predict_with_v(x, t, self.sde, self.prediction, class_labels=class_labels)
+        out, v = self.predict_with_v(x, t, self.sde, self.prediction, **labels_kw(class_labels))
         return (out, v) if with_v else out
 
 

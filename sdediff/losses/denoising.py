@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from ..gaussians import prior_kl
-from ..models import as_model
+from ..models import as_model, labels_kw
 from ..parameterization import check_kind, mse_factor, truth
 from ..schedules import Schedule
 from ..sde import SDE, append_dims, coef_dtype
@@ -215,7 +215,7 @@ class DiffusionLoss:
             raise ValueError(f"{type(self).__name__}: times must have shape ({B},), got {tuple(t.shape)}")
         xt, eps = self.sde.marginal_sample(x0, t, noise=noise, generator=generator)
         space = self.prediction or model.prediction
-        pred = model.predict(xt, t, self.sde, kind=space, class_labels=class_labels)
+        pred = model.predict(xt, t, self.sde, kind=space, **labels_kw(class_labels))
         work = coef_dtype(x0)
         pred, xt_w, eps_w, x0_w = pred.to(work), xt.to(work), eps.to(work), x0.to(work)
         alpha64, sigma64 = self.sde.marginal(t)
@@ -270,7 +270,7 @@ class DiffusionLoss:
         """Per-sample unbiased estimates ``ell(t) u(t)/p(t)`` of the objective, shape ``(B,)``;
         ``class_labels`` (int64 ``(B,)``, the null class where dropped) go to a conditional model."""
         t, weight = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
-        ell = self.term(model, x0, t, generator=generator, class_labels=class_labels)
+        ell = self.term(model, x0, t, generator=generator, **labels_kw(class_labels))
         self.last_t, self.last_term, self.last_weight = t, ell.detach(), weight
         if self.time_sampler.auto_update:
             self.time_sampler.update(t, ell.detach())

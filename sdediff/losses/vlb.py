@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from ..gaussians import decoder_variance, discretized_gaussian_log_prob, reverse_variance
-from ..models import as_model
+from ..models import as_model, labels_kw
 from ..parameterization import convert
 from ..schedules import Schedule
 from ..sde import SDE, append_dims, coef_dtype
@@ -213,7 +213,7 @@ class HybridLoss(DiffusionLoss):
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
         t = t.expand(B) if t.ndim == 0 else t
         xt, eps = self.sde.marginal_sample(x0, t, noise=noise, generator=generator)
-        eps_hat, v = model.predict_with_v(xt, t, self.sde, "eps", class_labels=class_labels)
+        eps_hat, v = model.predict_with_v(xt, t, self.sde, "eps", **labels_kw(class_labels))
         work = coef_dtype(x0)
         eps_hat, v, xt_w, x0_w = eps_hat.to(work), v.to(work), xt.to(work), x0.to(work)
         simple = (eps_hat - eps.to(work)).pow(2).flatten(1).mean(1)
