@@ -7,7 +7,7 @@ One import gives the public API::
     x = sd.sample(model, sde, sampler="dpm_solver", steps=20, shape=(16, 3, 32, 32))
 """
 
-from . import data, errors, losses, nets, oracle, timegrids, variance
+from . import data, errors, losses, nets, oracle, timegrids, train, variance
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .errors import ArgumentError, ConfigError, TrainingError
 from .guidance import Guided, guided
@@ -81,5 +81,6 @@ __all__ = [
     "oracle",
     "sample",
     "timegrids",
+    "train",
     "variance",
 ]

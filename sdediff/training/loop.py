@@ -65,7 +65,7 @@ def _wrap_net(model: nn.Module, fn: Callable[[nn.Module], nn.Module]) -> nn.Modu
     """Apply ``fn`` (DDP, torch.compile) to the network inside a :class:`Model`, keeping the wrapper
     (so losses still ask it for eps / x0 / v), or to the module itself."""
     if isinstance(model, Model) and "net" in model._modules:
-        return Model(fn(model.net), model.prediction)
+        return model.with_net(fn(model.net))
     return fn(model)
 
 
