@@ -4,8 +4,19 @@ sampling on one GPU machine, in one call (``benchmarks/gpu_suite.sh`` runs it).
     python benchmarks/gpu_suite.py --out $OUT          # on a GPU: about 9 minutes on one H100/H200
     python benchmarks/gpu_suite.py --cpu-smoke         # every part on tiny nets on the CPU (< 1 minute)
 
-Parts (each timed, each in its own try: one failing part is reported and the rest still run):
+Parts (each timed, each in its own try: one failing part is reported and the rest still run), in order
+of value, so that a run cut short still returns the first ones; ``gpu_suite.json``/``.md`` are rewritten
+after every part:
 
+0. ``fashion``: the class-conditional Fashion-MNIST experiment (U-Net, cosine VP, p_uncond 0.1,
+   dequantized 8-bit data) trained for a fixed wall budget (``--fashion-seconds``, default 240 s) with
+   bf16 and ``torch.compile``; then unconditional test bits/dim (PF-ODE, Hutchinson, one probe) on
+   ``--fashion-bpd-n`` test images, the quality classifier's test accuracy, FD/KID of guided samples
+   (dpm_solver, 25 steps) at guidance scales 1 and 2 against the test split next to the floor (held-out
+   training images, same n), and ``fashion_samples.png``: one row per class at both scales. The data come
+   from ``--fashion-root`` (default: Debian's ``/usr/share/datasets/fashion-mnist``; carry the four idx
+   ``.gz`` files there); ``--cpu-smoke`` uses a few hundred of them, or a synthetic labelled set when the
+   folder is absent.
 1. ``throughput``: the DDPM++-size U-Net (35.7M parameters, 32x32x3, batch 128, synthetic 8-bit data)
    through the real training loop: fp32 eager, bf16 autocast, bf16 + channels_last, bf16 + compile.
    Images/s as the median of timed windows after a warm-up (compilation included there), model FLOPs
@@ -26,7 +37,9 @@ Parts (each timed, each in its own try: one failing part is reported and the res
    overhead against the bare network time of the same number of calls (goal <= 1.05), and the host
    syncs counted under ``torch.cuda.set_sync_debug_mode("warn")`` during a repeated call.
 
-Writes ``gpu_suite.md`` and ``gpu_suite.json`` (and ``digits_samples.png``) into ``--out`` and prints
+The default ``--parts`` is ``fashion,throughput,sampling,likelihood,correctness,ddp`` (about 9 minutes on
+one H100); ``digits`` is optional. Writes ``gpu_suite.md`` and ``gpu_suite.json`` (and
+``fashion_samples.png``, ``digits_samples.png``) into ``--out`` and prints
 the markdown. Nothing is written under benchmarks/results/ unless ``--write`` is given.
 """
 
@@ -54,17 +67,25 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import sdediff  # noqa: E402
-from sdediff.data import ArrayDataset, digits, toy2d_dataset  # noqa: E402
+from sdediff.data import ArrayDataset, digits, fashion_mnist, toy2d_dataset  # noqa: E402
 from sdediff.losses import ELBO, DiffusionLoss, LogSNRUniform  # noqa: E402
 from sdediff.nets import MLP, UNet  # noqa: E402
 from sdediff.train import train  # noqa: E402
 
+DEFAULT_PARTS = ("fashion", "throughput", "sampling", "likelihood", "correctness", "ddp")
+OPTIONAL_PARTS = ("digits",)
 PEAKS_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
 CIFAR_UNET = dict(
     in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
 )
 SMOKE_UNET = dict(in_ch=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 DIGITS_UNET = dict(in_ch=1, ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.1)
+FASHION_UNET = dict(
+    in_ch=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1, num_classes=10
+)
+SMOKE_FASHION_UNET = dict(
+    in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=10
+)
 SMOKE_DIGITS_UNET = dict(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
 
@@ -75,6 +96,204 @@ def peak_tflops(name: str) -> float | None:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+# ------------------------------------------------------------------------------------------------
+# 0. Fashion-MNIST, class-conditional, trained on the device for a fixed wall budget
+# ------------------------------------------------------------------------------------------------
+class _Budget(Exception):
+    """Raised by the training callback when the wall budget is spent (ends train() early)."""
+
+
+def _synthetic_fashion(n: int, seed: int) -> ArrayDataset:
+    """A labelled 28x28 8-bit stand-in for Fashion-MNIST (smoke mode without the Debian folder): class c is
+    a bright bar at a class-dependent row/column plus noise, so a classifier can learn it."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randint(0, 40, (n, 1, 28, 28), generator=g)
+    for c in range(10):
+        rows = y == c
+        if c < 5:
+            x[rows, :, 4 + 4 * c : 8 + 4 * c, :] += 200
+        else:
+            x[rows, :, :, 4 + 4 * (c - 5) : 8 + 4 * (c - 5)] += 200
+    return ArrayDataset(x.clamp(0, 255).to(torch.uint8), y, classes=[f"class{c}" for c in range(10)])
+
+
+def _fashion_data(a, smoke: bool):
+    try:
+        train_set, test_set = fashion_mnist(a.fashion_root, "train"), fashion_mnist(a.fashion_root, "test")
+        source = "Fashion-MNIST"
+    except FileNotFoundError:
+        if not smoke:
+            raise
+        train_set, test_set = _synthetic_fashion(512, 0), _synthetic_fashion(256, 1)
+        source = "synthetic (no Fashion-MNIST folder)"
+    if smoke:  # a few hundred images, drawn by a fixed generator
+        g = torch.Generator().manual_seed(0)
+        pick = lambda ds, n: torch.randperm(len(ds), generator=g)[:n]  # noqa: E731
+        i, j = pick(train_set, 512), pick(test_set, 256)
+        train_set = ArrayDataset(train_set.uint8()[i], train_set.labels[i], classes=train_set.classes)
+        test_set = ArrayDataset(test_set.uint8()[j], test_set.labels[j], classes=test_set.classes)
+    return train_set, test_set, source
+
+
+def _guided_samples(m, sde, labels: torch.Tensor, scale: float, dev, seed: int, steps: int, chunk: int):
+    out = []
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for lab in labels.split(chunk):
+            gm = sdediff.guided(m, lab.to(dev), scale)
+            out.append(
+                sdediff.sample(
+                    gm, sde, sampler="dpm_solver", steps=steps, shape=(len(lab), 1, 28, 28), generator=g
+                ).cpu()
+            )
+    return torch.cat(out)
+
+
+def fashion(a, dev, smoke: bool, out_dir: Path) -> dict:
+    from sdediff.cli import _report
+    from sdediff.metrics import Features, quality
+
+    train_set, test_set, source = _fashion_data(a, smoke)
+    net_kw = SMOKE_FASHION_UNET if smoke else FASHION_UNET
+    budget = 8.0 if smoke else float(a.fashion_seconds)
+    sde = sdediff.SDE(sdediff.CosineVP())
+    torch.manual_seed(0)
+    model = sdediff.Model(UNet(resolution=28, **net_kw), "eps")
+    loss = DiffusionLoss(sde)
+    state = {"t0": None, "ema": None, "steps": 0, "loss": []}
+
+    def stop_at_budget(step, info):
+        state["steps"] = step
+        state["ema"] = info["ema"]
+        if step % 50 == 0:
+            state["loss"].append(float(info["loss"]))  # one host sync per 50 steps, for the curve
+        if state["t0"] is None:  # the clock starts after the first step (compilation excluded)
+            _sync(dev)
+            state["t0"] = time.perf_counter()
+        elif time.perf_counter() - state["t0"] > budget:
+            raise _Budget
+
+    t = time.perf_counter()
+    try:
+        res = train(
+            model,
+            loss,
+            train_set,
+            steps=10 if smoke else 1_000_000,
+            batch_size=32 if smoke else a.fashion_batch,
+            lr=2e-4 if smoke else a.fashion_lr,
+            warmup=2 if smoke else 200,
+            ema_decay=0.999,
+            dequantize=True,
+            p_uncond=0.1,
+            device=dev,
+            precision="fp32" if smoke else "bf16",
+            compile=not smoke,
+            log_every=100,
+            progress=False,
+            tensorboard=False,
+            callback=stop_at_budget,
+        )
+        m = res.eval_model
+    except _Budget:
+        m = state["ema"].module
+    _sync(dev)
+    train_s = time.perf_counter() - t
+    m = m.to(dev).eval()
+    steps = state["steps"]
+    timed_s = time.perf_counter() - state["t0"] if state["t0"] else float("nan")
+
+    # unconditional test bits/dim: guidance scale 0 is the null-label model
+    n_bpd = 16 if smoke else a.fashion_bpd_n
+    test_x = test_set.tensor()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    tol = 1e-3 if smoke else 1e-5
+    bpd = _report.pf_ode_bits_per_dim(
+        sdediff.guided(m, 0, 0.0),
+        sde,
+        test_x[:n_bpd].to(dev),
+        batch_size=min(n_bpd, 500),
+        generator=gen,
+        trace="hutchinson",
+        probes=1,
+        rtol=tol,
+        atol=tol,
+        t_eps=1e-5,
+        repeats=1,
+    )
+
+    # quality: the classifier's features; FD/KID to the test split next to the floor
+    feats = Features.cached(
+        train_set, test_set, cache_dir=out_dir / "features", steps=20 if smoke else 1500, progress=False
+    )
+    n = 96 if smoke else a.fashion_n  # FD needs more samples than feature dimensions (64)
+    sample_steps = 5 if smoke else 25
+    labels = torch.arange(n) % 10
+    train_x = train_set.tensor()
+    held = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(3))[:n]]
+    rows, grids = [], {}
+    per_class = 4 if smoke else 10
+    grid_labels = torch.arange(10).repeat_interleave(per_class)
+    for scale in (1.0, 2.0):
+        t = time.perf_counter()
+        xs = _guided_samples(m, sde, labels, scale, dev, 1, sample_steps, 32 if smoke else 1000)
+        _sync(dev)
+        s_wall = time.perf_counter() - t
+        q = quality(xs, test_x, feats, held_out=held)
+        acc = feats.accuracy(xs, labels)
+        rows.append(
+            {
+                "scale": scale,
+                "n": q["n"],
+                "fd": q["fd"],
+                "kid": q["kid"],
+                "kid_stderr": q["kid_stderr"],
+                "floor_fd": q["floor"]["fd"],
+                "floor_kid": q["floor"]["kid"],
+                "fd_over_floor": q["fd"] / q["floor"]["fd"],
+                "class_accuracy": acc,
+                "sampling_s": s_wall,
+            }
+        )
+        grids[scale] = _guided_samples(m, sde, grid_labels, scale, dev, 2, sample_steps, 200)
+    png = out_dir / "fashion_samples.png"
+    plt = _report._plt()
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.6 * per_class * 2, 6.8))
+    names = list(train_set.classes or range(10))
+    for ax, (scale, xs) in zip(axes, grids.items()):
+        ax.imshow(_report.image_grid(xs, nrow=per_class)[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"guidance scale {scale:g}")
+        ax.set_xticks([])
+        h = xs.shape[-1] + 1
+        ax.set_yticks([1 + h * (k + 0.5) for k in range(10)], names, fontsize=8)
+    fig.suptitle(
+        f"{source}: class-conditional U-Net, {steps} steps in {train_s:.0f} s "
+        f"(dpm_solver, {sample_steps} steps)"
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return {
+        "data": source,
+        "train_images": len(train_set),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "budget_s": budget,
+        "steps": steps,
+        "train_s": train_s,
+        "steps_per_s_after_first": steps / timed_s if timed_s == timed_s and timed_s > 0 else None,
+        "loss_every_50": state["loss"][-10:],
+        "test_bpd": bpd["bpd"],
+        "test_bpd_stderr": bpd["bpd_stderr"],
+        "test_bpd_n": bpd["n"],
+        "test_bpd_nfe": bpd["nfe"],
+        "classifier_test_accuracy": feats.test_accuracy,
+        "quality": rows,
+        "samples_png": str(png),
+        "goal": "samples read as clothes; FD within 5x of the floor",
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,6 +721,9 @@ def report_md(res: dict) -> str:
             L += ["", "FAILED: " + body["error"].strip().splitlines()[-1], ""]
             continue
         L += ["", "```json", json.dumps(body, indent=1, default=str), "```", ""]
+    pending = [n for n in res["meta"].get("parts_planned", []) if n not in res["parts"]]
+    if pending:
+        L += [f"Not run yet (the run was still going or was cut short): {', '.join(pending)}", ""]
     return "\n".join(L)
 
 
@@ -509,7 +731,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="every part on tiny nets on the CPU")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_suite_out")))
-    ap.add_argument("--parts", default="throughput,correctness,ddp,likelihood,digits,sampling")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma-separated, run in this order")
+    ap.add_argument("--fashion-root", default=None, help="folder of the four Fashion-MNIST idx .gz files")
+    ap.add_argument("--fashion-seconds", type=float, default=240.0, help="training wall budget")
+    ap.add_argument("--fashion-batch", type=int, default=256)
+    ap.add_argument("--fashion-lr", type=float, default=5e-4)
+    ap.add_argument("--fashion-n", type=int, default=2000, help="samples per guidance scale for FD/KID")
+    ap.add_argument("--fashion-bpd-n", type=int, default=1000, help="test images for bits/dim")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lik-batch", type=int, default=64)
     ap.add_argument("--sample-batch", type=int, default=128)
@@ -523,6 +751,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     fns = {
+        "fashion": lambda a, d, s: fashion(a, d, s, a.out),
         "throughput": throughput,
         "correctness": correctness,
         "ddp": ddp,
@@ -530,8 +759,34 @@ def main(argv=None) -> int:
         "digits": lambda a, d, s: digits_unet(a, d, s, a.out),
         "sampling": sampling,
     }
-    parts = {}
-    for name in a.parts.split(","):
+    names = [n.strip() for n in a.parts.split(",") if n.strip()]
+    unknown = [n for n in names if n not in fns]
+    if unknown:
+        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(fns)}")
+    parts: dict = {}
+
+    def write() -> str:
+        """The report so far, rewritten after every part (a run cut short keeps the parts it finished)."""
+        res = {
+            "meta": {
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)",
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "python": sys.version.split()[0],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "wall_s": time.perf_counter() - t_all,
+                "parts_planned": names,
+            },
+            "parts": parts,
+        }
+        md = report_md(res)
+        for fname, text in (("gpu_suite.json", json.dumps(res, indent=1, default=str)), ("gpu_suite.md", md)):
+            tmp = a.out / (fname + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, a.out / fname)
+        return md
+
+    for name in names:
         t = time.perf_counter()
         try:
             parts[name] = fns[name](a, dev, a.cpu_smoke)
@@ -543,20 +798,7 @@ def main(argv=None) -> int:
             + (" (FAILED)" if "error" in parts[name] else ""),
             flush=True,
         )
-    res = {
-        "meta": {
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)",
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "wall_s": time.perf_counter() - t_all,
-        },
-        "parts": parts,
-    }
-    (a.out / "gpu_suite.json").write_text(json.dumps(res, indent=1, default=str))
-    md = report_md(res)
-    (a.out / "gpu_suite.md").write_text(md)
+        md = write()
     print(md)
     if a.write and not a.cpu_smoke:
         (HERE / "results" / "gpu.md").write_text(md)
