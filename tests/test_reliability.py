@@ -622,3 +622,37 @@ def test_likelihood_row_values_are_finite_on_the_oracle(tmp_path):
     )
     assert all(math.isfinite(r["value"]) for r in out["rows"])
     assert {"likelihood.csv", "likelihood.json", "likelihood.png"} <= set(_snapshot(tmp_path))
+
+
+def test_sdediff_fit_holds_the_run_folder_and_a_write_fault_keeps_the_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    """sdediff-fit writes into a run's checkpoint: a training (or another fit) holding the folder refuses
+    it with one line before any work, and a full disk at the store leaves the checkpoint byte-identical."""
+    from sdediff.cli import fit as fit_cli
+
+    out = tmp_path / "run"
+    train_cli.run(_compose(*TINY, f"out_dir={out}", "train.fit_grids=false"))
+    ckpts = out / "checkpoints"
+    before = _snapshot(ckpts)
+    fit_cfg = _compose(f"ckpt={out}", "steps=[3]", "progress=false", "n_pilot=16", name="fit")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            fit_cli.run(fit_cfg)
+        _one_line(capsys, 2, e, "is being written by sdediff-train", f"pid {holder.pid}")
+        assert _snapshot(ckpts) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    faults = Faults(monkeypatch, 1)
+    with pytest.raises(SystemExit) as e:
+        fit_cli.run(fit_cfg)
+    _one_line(capsys, 1, e, "No space left on device")
+    assert faults.n == 1 and _snapshot(ckpts) == before
+    monkeypatch.undo()
+    fit_cli.run(fit_cfg)  # and with the disk back, the grids land in the checkpoint
+    assert _snapshot(ckpts) != before

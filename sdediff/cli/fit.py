@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import ArgumentError
+from ..outputs import lock_output
 from ..samplers import SAMPLERS, spec_of
 from ..samplers.fitted import OBJECTIVES
 from ..samplers.stored import (
@@ -35,15 +37,35 @@ from ..samplers.stored import (
 )
 from ..training import resolve_device
 from ._common import clean_errors, config_dir, preflight, run_logger, to_plain
+from ._outputs import io_fail
 from ._source import Source, load_source
 
 PROG = "sdediff-fit"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit and store as ``cfg`` says; returns ``{"grids": StoredGrids, "path": ..., "pilot_nfe": ...}``."""
-    with clean_errors(PROG, cfg):
-        return _run(cfg)
+    """Fit and store as ``cfg`` says; returns ``{"grids": StoredGrids, "path": ..., "pilot_nfe": ...}``.
+
+    The run folder (or diffusers folder) is locked for the fit and the store, as a training run locks it:
+    a second writer there is refused with one line (exit 2); a write fault is one line (exit 1) and
+    leaves the checkpoint as it was."""
+    try:
+        with clean_errors(PROG, cfg):
+            return _run(cfg)
+    except FileNotFoundError:
+        raise  # clean_errors has reported it
+    except OSError as e:
+        io_fail(PROG, e)
+        raise  # never reached: io_fail exits
+
+
+def owner_dir(target) -> Path:
+    """The folder whose lock covers ``target``: a diffusers folder itself; for a checkpoint file
+    ``<run>/checkpoints/step_*.json``, the run folder ``<run>`` (what sdediff-train locks)."""
+    p = Path(str(target))
+    if p.is_dir():
+        return p
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
 def check(cfg: DictConfig) -> dict[str, Any]:
@@ -148,18 +170,19 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     model = src.model.to(device) if isinstance(src.model, torch.nn.Module) else src.model
     log = run_logger()
     log(f"{PROG}: fitting {kw['sampler']} grids for {kw['steps']} steps to {src.label}")
+    target = cfg.get("diffusers") or src.meta["path"]
     try:
-        grids = fit_grids(
-            model,
-            src.sde,
-            kw.pop("steps"),
-            shape=src.item_shape,
-            progress=bool(cfg.get("progress", True)),
-            log=lambda line: log(f"{PROG}:   {line}"),
-            **kw,
-        )
-        target = cfg.get("diffusers") or src.meta["path"]
-        path = store_grids(target, grids)
+        with lock_output(owner_dir(target), PROG):
+            grids = fit_grids(
+                model,
+                src.sde,
+                kw.pop("steps"),
+                shape=src.item_shape,
+                progress=bool(cfg.get("progress", True)),
+                log=lambda line: log(f"{PROG}:   {line}"),
+                **kw,
+            )
+            path = store_grids(target, grids)
     except GridsError as e:
         raise ArgumentError(
             "ckpt" if cfg.get("ckpt") else "diffusers", cfg.get("ckpt") or cfg.get("diffusers"), str(e)
