@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from .outputs import process_alive
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
@@ -457,7 +459,7 @@ def clean_stale_files(directory: str | os.PathLike) -> list[Path]:
     removed = []
     for p in directory.iterdir():
         m = re.match(r"^\..+\.tmp-(\d+)$", p.name)
-        if m and not _process_alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
         elif p.suffix == ".safetensors" and _NAME.match(p.with_suffix(".json").name):
@@ -465,15 +467,3 @@ def clean_stale_files(directory: str | os.PathLike) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True

@@ -422,7 +422,7 @@ def clean_staging(out_dir: str | os.PathLike) -> list[Path]:
             pid = p.name[len(_STAGING) :]
         elif p.name.startswith(".") and ".tmp-" in p.name:
             pid = p.name.rsplit(".tmp-", 1)[1]
-        if pid is None or not pid.isdigit() or _alive(int(pid)):
+        if pid is None or not pid.isdigit() or process_alive(int(pid)):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -433,7 +433,8 @@ def clean_staging(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (ours always does; one we may not signal does too)."""
     if pid == os.getpid():
         return True
     try:
