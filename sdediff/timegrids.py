@@ -14,7 +14,10 @@ Grids (``GRIDS``):
     quadratic in t, dense near ``t_min`` (DDIM's / score_sde's "quad" spacing):
     ``t_i = t_min + (t_max - t_min) (1 - i/steps)^2``.
 ``"logsnr"``
-    uniform in log-SNR ``lambda = log(alpha^2/sigma^2)`` (DPM-Solver's "logSNR" spacing).
+    uniform in log-SNR ``lambda = log(alpha^2/sigma^2)`` (DPM-Solver's "logSNR" spacing). With
+    ``t_min`` where sigma = 0 (``t_min = 0`` on a VP schedule, where lambda is infinite) the first
+    ``steps - 1`` steps are uniform in log-SNR down to the schedule's ``default_t_min`` and the last goes
+    from there straight to ``t_min``: k-diffusion's "exponential" sigmas with a zero appended.
 ``"edm"``
     Karras et al.'s rho-spacing of ``s = sigma/alpha = exp(-lambda/2)`` (the EDM "sigma"; for VE it
     *is* sigma): ``s_i = (s_max^(1/rho) + i/steps (s_min^(1/rho) - s_max^(1/rho)))^rho``, mapped back to
@@ -111,8 +114,17 @@ def _from_lambda(sde, lam: Tensor, t_min: float, t_max: float) -> Tensor:
 
 
 def logsnr_times(sde, steps: int, t_min: float, t_max: float) -> Tensor:
-    """Uniform in log-SNR lambda (needs a finite lambda at t_min: not t_min = 0 for VP schedules)."""
+    """Uniform in log-SNR lambda. Where sigma(t_min) = 0 (lambda infinite: ``t_min = 0`` on a VP
+    schedule), ``steps - 1`` uniform log-SNR steps to the schedule's ``default_t_min``, then one step to
+    ``t_min`` (k-diffusion's exponential sigmas with sigma = 0 appended)."""
     lam_lo, lam_hi = _lambda_range(sde, t_min, t_max, "logsnr")
+    sch = _schedule(sde)
+    t_end = float(sch.default_t_min)
+    if not math.isfinite(lam_hi) and t_min < t_end < t_max and math.isfinite(float(sch.log_snr(t_end))):
+        if steps == 1:
+            return torch.tensor([t_max, t_min], dtype=torch.float64)
+        body = logsnr_times(sde, steps - 1, t_end, t_max)
+        return torch.cat([body, torch.tensor([t_min], dtype=torch.float64)])
     if not math.isfinite(lam_hi):
         raise ArgumentError(
             "t_min",

@@ -311,11 +311,6 @@ CASES = [
         "sde=ddpm sampler.steps=2000",
         r"sampler\.steps=2000: must be <= 1000: grid 'trailing' has only 1000 steps .*",
     ),
-    (
-        "train",
-        "sde=ddpm sampler.grid=logsnr sampler.t_min=0",
-        r"sampler\.t_min=0: must be > 0 for grid 'logsnr'.*",
-    ),
     # -- train: sde, model, loss, data configs ---------------------------------------------------------
     ("train", "sde.schedule.beta_min=-1", r"sde\.schedule\.beta_min=-1: must be >= 0"),
     ("train", "sde.schedule.beta_max=0.05", r"sde\.schedule\.beta_max=0\.05: must be > beta_min = 0\.1"),

@@ -71,16 +71,18 @@ def test_eta_zero_is_dpm_solver_bitwise(sched, kind):
     loop: the outputs are equal bit for bit, for every order and both second-order variants."""
     sde = sd.SDE(SCHEDULES[sched]())
     model, x = _model(sde, kind), _prior(sde)
-    grids = [("logsnr", None)] + ([("dpm", 0.0)] if sched != "ve" else [])
+    grids = [("logsnr", None)] + ([("dpm", 0.0), ("logsnr", 0.0)] if sched != "ve" else [])
     for grid, t_min in grids:
         times = sd.get_times(sde, 9, grid=grid, t_min=t_min)
         for order in (1, 2, 3):
             for st, variant in (("heun", "exact"), ("midpoint", "lu")):
-                a = dpm_solver(
-                    model, sde, x, times, order=order, variant=variant, corrector=False, switch=math.inf
-                )
-                b = dpm_solver_sde(model, sde, x, times, order=order, solver_type=st, eta=0.0, noise=_never)
-                assert torch.equal(a, b), (grid, order, st)
+                for lof in (True, False):
+                    kw = dict(order=order, lower_order_final=lof)
+                    a = dpm_solver(
+                        model, sde, x, times, variant=variant, corrector=False, switch=math.inf, **kw
+                    )
+                    b = dpm_solver_sde(model, sde, x, times, solver_type=st, eta=0.0, noise=_never, **kw)
+                    assert torch.equal(a, b), (grid, order, st, lof)
 
 
 def _heun_sigma_space(model, sde, x, times):
@@ -124,7 +126,7 @@ def test_euler_ancestral_eta_one_is_the_posterior_step():
     step, differs exactly there)."""
     sde = sd.SDE(sd.LinearVP())
     mT, cT = GM.marginal_moments(sde.T, sde)
-    kw = dict(steps=10, grid="logsnr")
+    kw = dict(steps=10, grid="logsnr", t_min=float(sde.schedule.default_t_min))  # the same end for both
     a = sampler_law(GM.model(sde), sde, mT, cT, sampler="euler_ancestral", **kw)
     b = sampler_law(GM.model(sde), sde, mT, cT, sampler="dpm_solver_sde", order=1, eta=1.0, **kw)
     assert torch.allclose(a.mean, b.mean, atol=1e-12) and torch.allclose(a.cov, b.cov, atol=1e-12)
@@ -257,6 +259,8 @@ def test_nfe_exact():
         # (steps, grid, t_min) -> NFE
         ("dpm_solver_sde", 10, "dpm", 0.0): 10,
         ("dpm_solver_sde", 10, "logsnr", None): 10,
+        ("dpm_solver_sde", 10, "logsnr", 0.0): 10,
+        ("dpm_solver_sde", 10, None, None): 10,  # the default: logsnr to sigma = 0
         ("edm", 10, "edm", None): 20,  # ends at sigma > 0: Heun on every step
         ("edm", 10, "uniform", 0.0): 19,  # last step to sigma = 0 is Euler
         ("euler_ancestral", 10, "uniform", 0.0): 10,

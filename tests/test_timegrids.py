@@ -64,12 +64,17 @@ def test_edm_grid_for_ve_is_karras_sigmas():
     torch.testing.assert_close(ve.sigma(t), karras, rtol=1e-10, atol=0)
 
 
-def test_edm_grid_may_end_at_sigma_zero_but_logsnr_may_not():
-    sde = sd.SDE(sd.LinearVP())
-    t = get_times(sde, 6, grid="edm", t_min=0.0)
-    assert float(t[-1]) == 0.0 and bool((t.diff() < 0).all())
-    with pytest.raises(ValueError, match="finite log-SNR"):
-        get_times(sde, 6, grid="logsnr", t_min=0.0)
+def test_edm_and_logsnr_grids_may_end_at_sigma_zero():
+    for sde in (sd.SDE(sd.LinearVP()), sd.SDE(sd.DiscreteVP.ddpm(1000)), sd.SDE(sd.CosineVP())):
+        t = get_times(sde, 6, grid="edm", t_min=0.0)
+        assert float(t[-1]) == 0.0 and bool((t.diff() < 0).all())
+        # logsnr to sigma = 0: five uniform log-SNR steps to the schedule's default end, then one to 0
+        t = get_times(sde, 6, grid="logsnr", t_min=0.0)
+        assert t.shape == (7,) and float(t[-1]) == 0.0 and bool((t.diff() < 0).all())
+        torch.testing.assert_close(t[:-1], get_times(sde, 5, grid="logsnr"), rtol=0, atol=0)
+        lam = sde.schedule.log_snr(t[:-1])
+        torch.testing.assert_close(lam.diff(), lam.diff()[:1].expand(5), rtol=1e-9, atol=0)
+        assert get_times(sde, 1, grid="logsnr", t_min=0.0).tolist() == [float(sde.T), 0.0]
 
 
 def test_dpm_grid_knee_before_sigma_zero():
