@@ -300,7 +300,8 @@ def test_trained_edm_model_reloads_with_its_sigma_data_and_resume_checks_it(tmp_
     # resuming with the same (estimated) sigma_data goes on; with another one is refused in one line
     capsys.readouterr()
     again = _compose(*FAST, "model.prediction=edm", f"out_dir={run}", "train.resume=true", "train.steps=30")
-    train_cli.run(again)
+    with pytest.warns(UserWarning, match="changed settings: steps 20 -> 30"):  # extending a run is said
+        train_cli.run(again)
     assert "resumed from" in capsys.readouterr().out
     bad = _compose(
         *FAST,
