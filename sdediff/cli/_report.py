@@ -282,13 +282,13 @@ def gmm_bits_per_dim(
 FEATURE_DEFAULTS = {"cache_dir": None, "steps": 1500, "width": 32, "feature_dim": 64, "seed": 0}
 
 
-def quality_features(train, test, options=None, log=print):
+def quality_features(train, test, options=None, log=print, progress=True):
     """The :class:`sdediff.metrics.Features` classifier of the labelled ``train`` split (accuracy on
     ``test``), loaded from its cache (``options["cache_dir"]``, default ``~/.cache/sdediff/features``) or
-    trained there once."""
+    trained there once (with a progress bar when ``progress``, as the command's own)."""
     from ..metrics import Features
 
-    opts = {**FEATURE_DEFAULTS, **(options or {})}
+    opts = {**FEATURE_DEFAULTS, "progress": bool(progress), **(options or {})}
     cache_dir = opts.pop("cache_dir")
     return Features.cached(train, test, cache_dir=cache_dir, log=log, **opts)
 

@@ -402,7 +402,7 @@ def _quality_setup(cfg: DictConfig, src, shape, seed: int, log) -> dict[str, Any
     for name, x in (("quality.train_data", train_x), ("quality.test_data", test_x)):
         if tuple(x.shape[1:]) != tuple(shape):
             raise ArgumentError(name, tuple(x.shape[1:]), f"must have the model's item shape {tuple(shape)}")
-    feats = _report.quality_features(train, test, to_plain(qc.get("features")), log)
+    feats = _report.quality_features(train, test, to_plain(qc.get("features")), log, progress=cfg.progress)
     held_x, held_where = _report.held_out_set(
         as_tensor(held) if held is not None else None, train_x, cfg.n, seed
     )

@@ -215,7 +215,7 @@ def _quality(cfg: DictConfig, samples: torch.Tensor, train_x: torch.Tensor, data
     ev = cfg.eval
     t = time.perf_counter()
     feats = data.get("features") or _report.quality_features(
-        data["train_ds"], data["test_ds"], to_plain(ev.get("features")), log
+        data["train_ds"], data["test_ds"], to_plain(ev.get("features")), log, progress=cfg.train.progress
     )
     held, where = _report.held_out_set(data["val"], train_x.cpu(), len(samples), int(ev.seed))
     q = _report.sample_quality(samples.float().cpu(), data["test"], held, feats)
@@ -255,7 +255,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     splits = eval_data(cfg)
     if cfg.eval.get("quality") and rank == 0:  # the classifier first: a corrupt cache stops the run now
         splits["features"] = _report.quality_features(
-            data, splits["test_ds"], to_plain(cfg.eval.get("features")), log
+            data, splits["test_ds"], to_plain(cfg.eval.get("features")), log, progress=cfg.train.progress
         )
     n_params = sum(p.numel() for p in model.parameters())
     log(
